@@ -1,0 +1,90 @@
+"""The DeCo DiT: low-frequency semantics on p x p patches, conditioned on time and refined text."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deco.model.config import DiTConfig
+from deco.model.layers import AdaLNBlock, RMSNorm, TimeEmbedding, rope_2d
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, patch*patch, C), tokens in raster order, pixels in raster order."""
+    batch, channels, height, width = images.shape
+    grid = images.reshape(batch, channels, height // patch, patch, width // patch, patch)
+    return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), patch * patch, channels)
+
+
+def unpatchify(pixels: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of patchify: (B, N, patch*patch, C) -> (B, C, H, W)."""
+    batch, _, _, channels = pixels.shape
+    grid = pixels.reshape(batch, height // patch, width // patch, patch, patch, channels)
+    return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
+
+
+def _run_block(block: AdaLNBlock, *args):
+    if block.checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden
+        self.patch_embed = nn.Linear(3 * cfg.patch_size**2, hidden)
+        self.time_embed = TimeEmbedding(hidden, cfg.time_freq_dim, cfg.time_max_period)
+        self.text_proj = nn.Linear(cfg.text_dim, hidden)
+        self.text_norm = RMSNorm(hidden)
+        self.text_pos = nn.Parameter(torch.randn(cfg.text_len, hidden) * 0.02)
+        self.text_blocks = nn.ModuleList(
+            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=False) for _ in range(cfg.text_refine_depth)
+        )
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=True) for _ in range(cfg.depth)
+        )
+
+    def _masks(self, text_mask: torch.Tensor | None, image_tokens: int):
+        """Boolean SDPA masks (True = may attend) for the text self-attention and the image blocks."""
+        if text_mask is None or not self.cfg.mask_text_padding:
+            return None, None
+        batch, text_len = text_mask.shape
+        # A padded text query may still attend to itself: a row of all-masked keys would give NaN,
+        # and padded rows only ever feed keys that the image blocks mask out.
+        eye = torch.eye(text_len, dtype=torch.bool, device=text_mask.device)
+        text_self = (text_mask[:, None, :] | eye[None]).unsqueeze(1)                  # (B, 1, L, L)
+        image_keys = torch.ones(batch, image_tokens, dtype=torch.bool, device=text_mask.device)
+        image_attn = torch.cat([image_keys, text_mask], dim=1)[:, None, None, :]       # (B, 1, 1, N+L)
+        return text_self, image_attn
+
+    def forward(self, x_t, t, text, text_mask=None, capture_block: int | None = None):
+        """Returns (token features s (B, N, D), time embedding (B, D), features after `capture_block`).
+
+        x_t: (B, 3, H, W) noised image; t: (B,) in [0, 1]; text: (B, L, E) frozen encoder features;
+        text_mask: (B, L) bool, True on valid tokens; capture_block: 1-based image block for REPA.
+        """
+        cfg = self.cfg
+        batch, _, height, width = x_t.shape
+        if text.shape[1] > cfg.text_len:
+            raise ValueError(f"text has {text.shape[1]} tokens, the model's table holds {cfg.text_len}")
+        grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
+        param_dtype = self.patch_embed.weight.dtype
+
+        tokens = self.patch_embed(patchify(x_t.to(param_dtype), cfg.patch_size).flatten(2))
+        t_emb = self.time_embed(t)
+        text_tokens = self.text_norm(self.text_proj(text.to(param_dtype))) + self.text_pos[: text.shape[1]]
+        text_self_mask, image_mask = self._masks(text_mask, grid_h * grid_w)
+
+        for block in self.text_blocks:
+            text_tokens = _run_block(block, text_tokens, t_emb, None, None, text_self_mask)
+
+        rope = rope_2d(grid_h, grid_w, cfg.head_dim, cfg.rope_theta, device=x_t.device)
+        captured = None
+        for index, block in enumerate(self.blocks, start=1):
+            tokens = _run_block(block, tokens, t_emb, rope, text_tokens, image_mask)
+            if index == capture_block:
+                captured = tokens
+        return tokens, t_emb, captured
