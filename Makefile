@@ -29,7 +29,7 @@ demo: setup
 	$(VENV)/bin/deco demo
 
 bench: setup
-	$(PY) benchmarks/model_step.py
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -7,11 +7,12 @@ Writes are atomic for readers: a local file appears by rename, an S3 object appe
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 
 class StorageError(RuntimeError):
@@ -76,6 +77,19 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{join(self.uri, key)} not found") from None
+
+    def open(self, key: str) -> BinaryIO:
+        """A seekable binary reader of one object."""
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{join(self.uri, key)} not found") from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys of files under `prefix`, sorted; temporary files of unfinished writes are skipped."""
@@ -174,6 +188,22 @@ class S3Store:
                 return False
             raise
 
+    def size(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"{join(self.uri, key)} not found") from None
+            raise
+
+    def open(self, key: str, buffer_size: int = 8 * 2**20) -> BinaryIO:
+        """A seekable binary reader of one object: ranged GETs of `buffer_size` bytes, so readers
+        such as pyarrow fetch only what they read (a parquet footer, some row groups)."""
+        raw = _S3RangeReader(self.client, self.bucket, self._key(key), self.size(key))
+        return io.BufferedReader(raw, buffer_size=buffer_size)
+
     def list(self, prefix: str = "") -> Iterator[str]:
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
@@ -188,6 +218,35 @@ class S3Store:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+
+class _S3RangeReader(io.RawIOBase):
+    def __init__(self, client, bucket: str, key: str, size: int):
+        self.client, self.bucket, self.key, self.length, self.position = client, bucket, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        if self.position >= self.length or len(buffer) == 0:
+            return 0
+        end = min(self.position + len(buffer), self.length) - 1
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.position}-{end}")["Body"]
+        data = body.read()
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def open_store(uri: str | Path) -> LocalStore | S3Store:

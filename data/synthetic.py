@@ -1,42 +1,72 @@
-"""Synthetic image-caption pairs: coloured shapes on plain backgrounds, deterministic for a seed.
+"""Synthetic image-caption pairs: coloured shapes on textured backgrounds, deterministic for a seed.
 
 The offline stand-in for a crawl: small enough to train on a CPU, structured enough that colour,
-count and position in the caption are visible in the pixels.
+count and position in the caption are visible in the pixels. Captions follow GenEval's six task
+styles over our own vocabulary (SHAPES x COLORS):
+
+    single_object  "a photo of a circle"              counting    "a photo of three triangles"
+    two_object     "a photo of a circle and a square" colors      "a photo of a red circle"
+    position       "a photo of a circle left of a square"  (also right of / above / below)
+    color_attr     "a photo of a red circle and a blue square"
+
+Guarantees a detector can rely on (and tests pin down):
+- objects never overlap: boxes are at least `gap(size)` pixels apart;
+- every object's sides are at least a fifth of the scene's square region, so objects stay
+  detectable after the curation resize to 32 px;
+- objects lie inside the central square of the canvas, so a centre crop keeps all of them;
+- every background pixel differs from each of the 10 COLORS by at least MIN_BACKGROUND_DISTANCE
+  (L1 over RGB), and objects are drawn with their exact COLORS value (no anti-aliasing);
+- position scenes satisfy GenEval's relation rule for the stated relation and no other.
 """
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-# GenEval's ten colours, as drawn.
+# GenEval's ten colours, as drawn. FROZEN: the synthetic detector keys on these values.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
     "blue": (40, 80, 220), "purple": (130, 50, 170), "pink": (245, 150, 190), "brown": (120, 75, 35),
     "black": (15, 15, 15), "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # FROZEN vocabulary
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-BACKGROUNDS = [(200, 200, 190), (90, 110, 130), (170, 190, 160), (60, 60, 70), (210, 190, 160)]
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+# Background base colours: each at L1 distance >= 135 from every colour in COLORS.
+BACKGROUNDS = [(45, 75, 95), (70, 100, 120), (90, 110, 130), (140, 180, 210), (100, 200, 200),
+               (150, 180, 160), (160, 150, 120), (180, 210, 210)]
+# Every background pixel (texture included) stays at least this far (L1 over RGB) from every colour
+# in COLORS, so a pixel of an object colour is never background.
+MIN_BACKGROUND_DISTANCE = 90
+# Texture: a 6x6 grid of random offsets, bilinearly upsampled. The amplitude per background is what
+# its distance to the nearest object colour allows above MIN_BACKGROUND_DISTANCE (at most 30): strong
+# enough that no two scenes share a perceptual hash, weak enough to keep the guarantee above.
+TEXTURE_GRID = 6
+MAX_TEXTURE_AMPLITUDE = 30
 
 
 @dataclass(frozen=True)
 class DrawnObject:
     shape: str
     color: str
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1: the object fills pixels x0 <= x < x1, y0 <= y < y1
 
 
 def draw_object(draw: ImageDraw.ImageDraw, obj: DrawnObject) -> None:
     x0, y0, x1, y1 = obj.box
     fill = COLORS[obj.color]
+    inclusive = (x0, y0, x1 - 1, y1 - 1)  # PIL's shapes include their end pixel
     if obj.shape == "circle":
-        draw.ellipse(obj.box, fill=fill)
+        draw.ellipse(inclusive, fill=fill)
     elif obj.shape == "square":
-        draw.rectangle(obj.box, fill=fill)
+        draw.rectangle(inclusive, fill=fill)
     elif obj.shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}; known: {SHAPES}")
 
@@ -45,36 +75,270 @@ def plural(shape: str, count: int) -> str:
     return shape if count == 1 else shape + "s"
 
 
-def render(objects: list[DrawnObject], size: int, background: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (size, size), background)
+def nearest_color_distance(rgb: tuple[int, int, int]) -> int:
+    return min(sum(abs(a - b) for a, b in zip(color, rgb)) for color in COLORS.values())
+
+
+def texture_amplitude(base: tuple[int, int, int]) -> float:
+    # An offset of a in every channel moves a pixel by at most 3a in L1.
+    return max(0.0, min(MAX_TEXTURE_AMPLITUDE, (nearest_color_distance(base) - MIN_BACKGROUND_DISTANCE) / 3))
+
+
+def textured_background(width: int, height: int, base: tuple[int, int, int], texture_seed: int | None) -> Image.Image:
+    """Base colour plus smooth low-frequency noise (plain when texture_seed is None)."""
+    if texture_seed is None:
+        return Image.new("RGB", (width, height), base)
+    rng = np.random.default_rng(texture_seed)
+    shared, per_channel = rng.uniform(-1, 1, (TEXTURE_GRID, TEXTURE_GRID, 1)), rng.uniform(-1, 1, (TEXTURE_GRID, TEXTURE_GRID, 3))
+    coarse = texture_amplitude(base) * (0.75 * shared + 0.25 * per_channel)
+    # Bilinear upsampling interpolates between grid values, so the amplitude bound holds per pixel.
+    last = TEXTURE_GRID - 1
+    ys, xs = np.linspace(0, last, height), np.linspace(0, last, width)
+    y0, x0 = np.minimum(ys.astype(int), last - 1), np.minimum(xs.astype(int), last - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+    offsets = np.trunc(top * (1 - fy) + bottom * fy)  # toward zero: never past the amplitude
+    pixels = np.clip(np.asarray(base, dtype=np.float64) + offsets, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def render(objects: list[DrawnObject], size: int | tuple[int, int], background: tuple[int, int, int],
+           texture_seed: int | None = None) -> Image.Image:
+    width, height = (size, size) if isinstance(size, int) else size
+    image = textured_background(width, height, background, texture_seed)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         draw_object(draw, obj)
     return image
 
 
-def random_scene(rng: random.Random, size: int) -> tuple[Image.Image, str, list[DrawnObject]]:
-    """One scene: a single object, or a pair left/right of each other, with its caption."""
+def geneval_relations(subject: tuple[float, ...], reference: tuple[float, ...]) -> set[str]:
+    """Relations of `subject` to `reference` (boxes x0,y0,x1,y1) under GenEval's position rule."""
+    centre = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)  # noqa: E731
+    extent = lambda b: (b[2] - b[0], b[3] - b[1])  # noqa: E731
+    (cx_s, cy_s), (cx_r, cy_r) = centre(subject), centre(reference)
+    offset = (cx_s - cx_r, cy_s - cy_r)
+    sizes = [a + b for a, b in zip(extent(subject), extent(reference))]
+    revised = [math.copysign(max(abs(o) - 0.1 * s, 0.0), o) for o, s in zip(offset, sizes)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    norm = math.hypot(*offset)
+    dx, dy = revised[0] / norm, revised[1] / norm
+    found = set()
+    if dx < -0.5:
+        found.add("left of")
+    if dx > 0.5:
+        found.add("right of")
+    if dy < -0.5:
+        found.add("above")
+    if dy > 0.5:
+        found.add("below")
+    return found
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One drawn scene with its caption and its ground truth (GenEval-style clauses included)."""
+
+    tag: str
+    caption: str
+    objects: tuple[DrawnObject, ...]
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    texture_seed: int
+    include: tuple[dict, ...] = field(default_factory=tuple)
+    exclude: tuple[dict, ...] = field(default_factory=tuple)
+
+    def image(self) -> Image.Image:
+        return render(list(self.objects), (self.width, self.height), self.background, self.texture_seed)
+
+    def metadata(self) -> dict:
+        """The scene as a GenEval `evaluation_metadata.jsonl` object."""
+        meta = {"tag": self.tag, "include": [dict(c) for c in self.include], "prompt": self.caption}
+        if self.exclude:
+            meta["exclude"] = [dict(c) for c in self.exclude]
+        return meta
+
+
+def box_at_resolution(box: tuple[float, ...], width: int, height: int, resolution: int) -> tuple[float, ...]:
+    """A box of a width x height image mapped through curation's transform: the central square
+    resampled to resolution x resolution (data/transforms.py)."""
+    scale = resolution / min(width, height)
+    left, top = (width - min(width, height)) / 2, (height - min(width, height)) / 2
+    x0, y0, x1, y1 = box
+    return ((x0 - left) * scale, (y0 - top) * scale, (x1 - left) * scale, (y1 - top) * scale)
+
+
+def ground_truth(scene: Scene, resolution: int | None = None) -> list[dict]:
+    """Objects as drawn: [{"class", "color", "rgb", "box"}], boxes half-open (x0, y0, x1, y1).
+
+    With `resolution`, boxes are where the objects land in the curated image (box_at_resolution).
+    """
+    truth = []
+    for obj in scene.objects:
+        box = obj.box if resolution is None else box_at_resolution(obj.box, scene.width, scene.height, resolution)
+        truth.append({"class": obj.shape, "color": obj.color, "rgb": COLORS[obj.color], "box": tuple(box)})
+    return truth
+
+
+def min_object_side(square: int) -> int:
+    return math.ceil(square / 5)
+
+
+def gap(square: int) -> int:
+    return max(2, square // 16)
+
+
+def _square_region(width: int, height: int) -> tuple[int, int, int]:
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+def _separated(a: tuple[int, ...], b: tuple[int, ...], space: int) -> bool:
+    return a[2] + space <= b[0] or b[2] + space <= a[0] or a[3] + space <= b[1] or b[3] + space <= a[1]
+
+
+def _place(rng: random.Random, sides: list[int], region: tuple[int, int, int]) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping boxes of the given sides inside the square region (rejection, then a grid)."""
+    left, top, square = region
+    margin, space = max(1, square // 32), gap(square)
+    for _ in range(200):
+        boxes: list[tuple[int, int, int, int]] = []
+        for side in sides:
+            x = rng.randint(left + margin, left + square - margin - side)
+            y = rng.randint(top + margin, top + square - margin - side)
+            box = (x, y, x + side, y + side)
+            if not all(_separated(box, other, space) for other in boxes):
+                break
+            boxes.append(box)
+        if len(boxes) == len(sides):
+            return boxes
+    # Dense cases (four objects): one object per cell of a 2x2 grid, jittered within its cell.
+    cell = square // 2
+    cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], len(sides))
+    boxes = []
+    for side, (cx, cy) in zip(sides, cells):
+        side = min(side, cell - space - margin)
+        x0 = left + cx * cell + (margin if cx == 0 else space)
+        y0 = top + cy * cell + (margin if cy == 0 else space)
+        x = rng.randint(x0, max(x0, left + (cx + 1) * cell - side - (space if cx == 0 else margin)))
+        y = rng.randint(y0, max(y0, top + (cy + 1) * cell - side - (space if cy == 0 else margin)))
+        boxes.append((x, y, x + side, y + side))
+    return boxes
+
+
+def _place_relation(rng: random.Random, relation: str, region: tuple[int, int, int]) -> tuple[tuple, tuple]:
+    """(subject box, reference box) such that `relation` is the only GenEval relation that holds."""
+    left, top, square = region
+    lo, hi = min_object_side(square), max(min_object_side(square), square * 2 // 5)
+    while True:
+        subject, reference = _place(rng, [rng.randint(lo, hi), rng.randint(lo, hi)], region)
+        if geneval_relations(subject, reference) == {relation}:
+            return subject, reference
+
+
+def make_scene(rng: random.Random, size: int, task: str | None = None,
+               canvas: tuple[int, int] | None = None) -> Scene:
+    """One scene of `task` (random when None) on a `size`-square canvas, or on `canvas` (w, h) with
+    the objects inside its central min(w, h) square."""
+    task = task or rng.choice(TASKS)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    width, height = canvas or (size, size)
+    region = _square_region(width, height)
+    square = region[2]
     background = rng.choice(BACKGROUNDS)
-    colors = [c for c in COLORS if sum(abs(a - b) for a, b in zip(COLORS[c], background)) > 120]
-    if rng.random() < 0.5:
-        shape, color = rng.choice(SHAPES), rng.choice(colors)
-        side = rng.randint(size * 2 // 5, size * 3 // 4)
-        x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-        objects = [DrawnObject(shape, color, (x0, y0, x0 + side, y0 + side))]
-        caption = f"a photo of a {color} {shape}"
-    else:
-        (shape_a, shape_b), (color_a, color_b) = rng.sample(SHAPES, 2), rng.sample(colors, 2)
-        side = rng.randint(size // 4, size * 2 // 5)
-        ya, yb = rng.randint(0, size - side), rng.randint(0, size - side)
-        xa = rng.randint(0, size // 2 - side)
-        xb = rng.randint(size // 2, size - side)
-        objects = [DrawnObject(shape_a, color_a, (xa, ya, xa + side, ya + side)),
-                   DrawnObject(shape_b, color_b, (xb, yb, xb + side, yb + side))]
-        caption = f"a photo of a {color_a} {shape_a} left of a {color_b} {shape_b}"
-    return render(objects, size, background), caption, objects
+    palette = list(COLORS)
+    lo = min_object_side(square)
+    include: list[dict] = []
+    exclude: list[dict] = []
+    if task in ("single_object", "colors"):
+        shape, color = rng.choice(SHAPES), rng.choice(palette)
+        (box,) = _place(rng, [rng.randint(max(lo, square * 3 // 10), square * 3 // 5)], region)
+        objects = [DrawnObject(shape, color, box)]
+        clause = {"class": shape, "count": 1, **({"color": color} if task == "colors" else {})}
+        include = [clause]
+        caption = f"a photo of a {color} {shape}" if task == "colors" else f"a photo of a {shape}"
+    elif task in ("two_object", "color_attr"):
+        shapes, colors = rng.sample(SHAPES, 2), rng.sample(palette, 2)
+        hi = max(lo, square * 2 // 5)
+        boxes = _place(rng, [rng.randint(lo, hi), rng.randint(lo, hi)], region)
+        objects = [DrawnObject(s, c, b) for s, c, b in zip(shapes, colors, boxes)]
+        if task == "color_attr":
+            include = [{"class": s, "count": 1, "color": c} for s, c in zip(shapes, colors)]
+            caption = f"a photo of a {colors[0]} {shapes[0]} and a {colors[1]} {shapes[1]}"
+        else:
+            include = [{"class": s, "count": 1} for s in shapes]
+            caption = f"a photo of a {shapes[0]} and a {shapes[1]}"
+    elif task == "counting":
+        count, shape = rng.randint(1, 4), rng.choice(SHAPES)
+        hi = max(lo, square // 4 if count > 2 else square * 2 // 5)
+        boxes = _place(rng, [rng.randint(lo, hi) for _ in range(count)], region)
+        objects = [DrawnObject(shape, rng.choice(palette), b) for b in boxes]
+        include, exclude = [{"class": shape, "count": count}], [{"class": shape, "count": count + 1}]
+        caption = f"a photo of {NUMBER_WORDS[count]} {plural(shape, count)}"
+    else:  # position
+        (subject_shape, reference_shape), colors = rng.sample(SHAPES, 2), rng.sample(palette, 2)
+        relation = rng.choice(RELATIONS)
+        subject_box, reference_box = _place_relation(rng, relation, region)
+        objects = [DrawnObject(reference_shape, colors[1], reference_box), DrawnObject(subject_shape, colors[0], subject_box)]
+        include = [{"class": reference_shape, "count": 1},
+                   {"class": subject_shape, "count": 1, "position": [relation, 0]}]
+        caption = f"a photo of a {subject_shape} {relation} a {reference_shape}"
+    return Scene(tag=task, caption=caption, objects=tuple(objects), width=width, height=height,
+                 background=background, texture_seed=rng.getrandbits(63), include=tuple(include),
+                 exclude=tuple(exclude))
+
+
+def random_scene(rng: random.Random, size: int) -> tuple[Image.Image, str, list[DrawnObject]]:
+    """One square scene of a random task: (image, caption, objects)."""
+    scene = make_scene(rng, size)
+    return scene.image(), scene.caption, list(scene.objects)
+
+
+def synthetic_scenes(count: int, size: int, seed: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [make_scene(rng, size) for _ in range(count)]
 
 
 def synthetic_pairs(count: int, size: int, seed: int) -> list[tuple[Image.Image, str]]:
-    rng = random.Random(seed)
-    return [random_scene(rng, size)[:2] for _ in range(count)]
+    return [(scene.image(), scene.caption) for scene in synthetic_scenes(count, size, seed)]
+
+
+def geneval_prompts() -> list[dict]:
+    """A GenEval prompt set (evaluation_metadata.jsonl objects) over SHAPES x COLORS, for the gates.
+
+    Every combination for the small tasks; color_attr takes each ordered shape pair with a fixed,
+    seeded choice of colour pairs so the set stays a few hundred prompts.
+    """
+    prompts: list[dict] = []
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    for shape in SHAPES:
+        prompts.append({"tag": "single_object", "include": [{"class": shape, "count": 1}], "prompt": f"a photo of a {shape}"})
+    for a, b in pairs:
+        prompts.append({"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                        "prompt": f"a photo of a {a} and a {b}"})
+    for shape in SHAPES:
+        for count in (2, 3, 4):
+            prompts.append({"tag": "counting", "include": [{"class": shape, "count": count}],
+                            "exclude": [{"class": shape, "count": count + 1}],
+                            "prompt": f"a photo of {NUMBER_WORDS[count]} {plural(shape, count)}"})
+    for shape in SHAPES:
+        for color in COLORS:
+            prompts.append({"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}],
+                            "prompt": f"a photo of a {color} {shape}"})
+    for subject, reference in pairs:
+        for relation in RELATIONS:
+            prompts.append({"tag": "position", "include": [{"class": reference, "count": 1},
+                                                           {"class": subject, "count": 1, "position": [relation, 0]}],
+                            "prompt": f"a photo of a {subject} {relation} a {reference}"})
+    rng = random.Random(0)
+    color_pairs = [(a, b) for a in COLORS for b in COLORS if a != b]
+    for a, b in pairs:
+        for ca, cb in rng.sample(color_pairs, 5):
+            prompts.append({"tag": "color_attr", "include": [{"class": a, "count": 1, "color": ca},
+                                                             {"class": b, "count": 1, "color": cb}],
+                            "prompt": f"a photo of a {ca} {a} and a {cb} {b}"})
+    return prompts

@@ -48,7 +48,11 @@ def s3_bucket(s3_server, request):
     """A fresh bucket on the moto server; yields its s3:// URI."""
     import boto3
 
-    name = "test-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    import uuid
+
+    # Unique per test (parametrized ones included): a test never sees another test's objects.
+    stem = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:8]}"
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     yield f"s3://{name}"

@@ -1,0 +1,382 @@
+"""Caption and image filters: each a small unit that returns None (pass) or a Reject with its reason.
+
+Every reason code the curation job can record is listed in REASONS; the curation report counts
+samples per code and rejects.parquet names the code of every rejected sample. A sample gets the
+first reason that applies, in the order: source and fetch errors, caption checks (cheap), image
+decode and geometry checks, the optional CLIP score, then the job-wide duplicate pass.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import io
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from PIL import Image, ImageOps
+
+REASONS: dict[str, str] = {
+    "source_unreadable": "an input file could not be read past this point (one row per file)",
+    "fetch_failed": "the image URL could not be fetched (HTTP error, timeout, too large)",
+    "duplicate_id": "another sample earlier in the job has the same id",
+    "caption_missing": "no caption for the image",
+    "caption_undecodable": "caption bytes are not valid UTF-8 (or hold U+FFFD replacement characters)",
+    "caption_empty": "caption empty or whitespace only",
+    "caption_too_few_words": "fewer words than captions.min_words",
+    "caption_too_many_words": "more words than captions.max_words",
+    "caption_too_few_chars": "fewer characters than captions.min_chars",
+    "caption_too_many_chars": "more characters than captions.max_chars",
+    "caption_boilerplate": "caption matches a boilerplate pattern (file names, 'image may contain', ...)",
+    "caption_blocklisted": "caption contains a blocklisted word or phrase",
+    "caption_language": "caption confidently identified as a language not in captions.language.allowed",
+    "image_missing": "no image for the caption",
+    "image_undecodable": "image bytes cannot be decoded",
+    "image_truncated": "image data ends early",
+    "image_too_large": "more pixels than images.max_pixels (decompression bomb guard)",
+    "image_too_small": "shortest side below images.min_side",
+    "image_aspect_ratio": "long side / short side above images.max_aspect_ratio",
+    "clip_score_low": "image-caption CLIP similarity below clip.min_score",
+    "duplicate_exact": "same decoded pixels and normalised caption as a kept sample",
+    "duplicate_near": "perceptual hash within dedup.hamming_threshold bits of a kept sample",
+    "processing_error": "an unexpected error while processing this sample (detail has it)",
+}
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reject reason {self.reason!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Captions
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_BOILERPLATE = (
+    r"^(img|dsc[nf]?|dcim|pict|sam|gopr|pxl|mvimg|photo|image|picture)[\s_-]*\d+(\.\w{2,4})?$",  # camera names
+    r"^[\w\s.-]*\.(jpe?g|png|gif|webp|bmp|tiff?|heic)$",                   # a file name
+    r"^(this\s+)?(image|photo|picture)\s+may\s+contain\b",                  # generated alt text
+    r"^(https?://|www\.)\S+$",                                              # a bare URL
+    r"^(untitled(\s+\d+)?|no\s+(description|caption|title)(\s+available)?|image\s+not\s+(found|available)|"
+    r"placeholder(\s+image)?|thumbnail|click\s+(here\s+)?to\s+(enlarge|view|zoom)(\s+image)?)[.!]?$",  # the whole caption
+)
+
+
+@dataclass(kw_only=True)
+class LanguageConfig:
+    enabled: bool = True
+    allowed: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes langid knows
+    # Short captions carry too little evidence: only captions with at least this many words are judged.
+    min_words: int = 3
+    # Reject only when langid gives the allowed languages together at most 1 - min_confidence.
+    min_confidence: float = 0.9
+
+
+@dataclass(kw_only=True)
+class CaptionFilterConfig:
+    normalise: bool = True  # unescape HTML, Unicode NFC, control characters to spaces, collapse spaces
+    min_words: int = 2
+    max_words: int = 256
+    min_chars: int = 5
+    max_chars: int = 2000
+    boilerplate: bool = True
+    boilerplate_patterns: list[str] = field(default_factory=list)  # extra regexes, case-insensitive
+    blocklist: list[str] = field(default_factory=list)  # words or phrases, matched on word boundaries
+    blocklist_file: str = ""  # a local text file, one word or phrase a line (# comments)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+
+
+def decode_caption(raw: bytes | str | None) -> str | Reject:
+    if raw is None:
+        return Reject("caption_missing")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as err:
+            return Reject("caption_undecodable", f"invalid UTF-8 at byte {err.start}")
+        text = text.removeprefix("\ufeff")
+    else:
+        text = raw
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return Reject("caption_undecodable", "lone surrogate characters")
+    if "\ufffd" in text:  # an upstream lossy decode already destroyed part of the text
+        return Reject("caption_undecodable", "contains U+FFFD replacement characters")
+    return text
+
+
+def normalise_caption(text: str) -> str:
+    text = unicodedata.normalize("NFC", html.unescape(text))
+    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def check_empty(text: str) -> Reject | None:
+    return Reject("caption_empty") if not text.strip() else None
+
+
+def check_length(text: str, cfg: CaptionFilterConfig) -> Reject | None:
+    words, chars = len(text.split()), len(text.strip())
+    if words < cfg.min_words:
+        return Reject("caption_too_few_words", f"{words} < {cfg.min_words}")
+    if words > cfg.max_words:
+        return Reject("caption_too_many_words", f"{words} > {cfg.max_words}")
+    if chars < cfg.min_chars:
+        return Reject("caption_too_few_chars", f"{chars} < {cfg.min_chars}")
+    if chars > cfg.max_chars:
+        return Reject("caption_too_many_chars", f"{chars} > {cfg.max_chars}")
+    return None
+
+
+class BoilerplateFilter:
+    def __init__(self, patterns: list[str] | tuple[str, ...]):
+        self.patterns = [re.compile(p, re.IGNORECASE) for p in patterns]
+
+    def __call__(self, text: str) -> Reject | None:
+        stripped = text.strip()
+        for pattern in self.patterns:
+            if pattern.search(stripped):
+                return Reject("caption_boilerplate", pattern.pattern[:60])
+        return None
+
+
+def read_blocklist(path: str) -> list[str]:
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"captions.blocklist_file {path!r} not found") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class BlocklistFilter:
+    def __init__(self, terms: list[str]):
+        terms = sorted({t.strip().casefold() for t in terms if t.strip()}, key=len, reverse=True)
+        # \b fails next to non-word characters, so look around for "not a word character" instead.
+        body = "|".join(r"\s+".join(map(re.escape, t.split())) for t in terms)
+        self.pattern = re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE) if terms else None
+
+    def __call__(self, text: str) -> Reject | None:
+        if self.pattern is None:
+            return None
+        match = self.pattern.search(unicodedata.normalize("NFKC", text).casefold())
+        return Reject("caption_blocklisted", match.group(0)) if match else None
+
+
+@functools.lru_cache(maxsize=1)
+def _langid():
+    from langid.langid import LanguageIdentifier, model
+
+    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
+
+
+class LanguageFilter:
+    """langid (model shipped in the package) with a rule that spares short captions.
+
+    Very short captions such as "a photo of a red circle" are where language identification errs;
+    a caption is rejected only when it has at least `min_words` words and langid puts the allowed
+    languages' total probability at or below 1 - min_confidence.
+    """
+
+    def __init__(self, cfg: LanguageConfig):
+        self.cfg = cfg
+        self.allowed = set(cfg.allowed)
+
+    def probabilities(self, text: str) -> dict[str, float]:
+        """langid's normalised probability per language (its naive Bayes, computed sparsely)."""
+        identifier = _langid()
+        counts = identifier.instance2fv(text)
+        # langid's own rank() multiplies the whole uint32 feature vector into the (features x
+        # languages) table, converting the table on every call; a caption touches a few features.
+        active = np.flatnonzero(counts)
+        log_probs = counts[active].astype(np.float64) @ identifier.nb_ptc[active] + identifier.nb_pc
+        return dict(zip(map(str, identifier.nb_classes), map(float, identifier.norm_probs(log_probs))))
+
+    def __call__(self, text: str) -> Reject | None:
+        if not self.cfg.enabled or len(text.split()) < self.cfg.min_words:
+            return None
+        probabilities = self.probabilities(text)
+        if sum(probabilities.get(lang, 0.0) for lang in self.allowed) <= 1.0 - self.cfg.min_confidence:
+            top = max(probabilities, key=probabilities.get)
+            return Reject("caption_language", f"{top} p={probabilities[top]:.3f}")
+        return None
+
+
+class CaptionFilters:
+    """All caption checks in order; `check(raw)` -> (caption to keep, None) or (None, Reject)."""
+
+    def __init__(self, cfg: CaptionFilterConfig):
+        self.cfg = cfg
+        terms = list(cfg.blocklist) + (read_blocklist(cfg.blocklist_file) if cfg.blocklist_file else [])
+        # Specific reasons before generic ones: "IMG_0042.jpg" is boilerplate, not merely one word.
+        self.steps: list[Callable[[str], Reject | None]] = [
+            check_empty,
+            BoilerplateFilter((DEFAULT_BOILERPLATE if cfg.boilerplate else ()) + tuple(cfg.boilerplate_patterns)),
+            BlocklistFilter(terms),
+            lambda text: check_length(text, cfg),
+            LanguageFilter(cfg.language),
+        ]
+
+    def check(self, raw: bytes | str | None) -> tuple[str | None, Reject | None]:
+        text = decode_caption(raw)
+        if isinstance(text, Reject):
+            return None, text
+        if self.cfg.normalise:
+            text = normalise_caption(text)
+        for step in self.steps:
+            reject = step(text)
+            if reject is not None:
+                return None, reject
+        return text, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class ImageFilterConfig:
+    # DeCo skips images smaller than the target resolution: None means the largest output resolution.
+    min_side: int | None = None
+    max_aspect_ratio: float = 3.0  # DataComp's limit
+    max_pixels: int = 89_478_485   # PIL's decompression-bomb limit
+
+
+def decode_image(raw: bytes | None, max_pixels: int) -> Image.Image | Reject:
+    """Bytes -> RGB image (EXIF orientation applied, transparency over white), or the reason not."""
+    if raw is None:
+        return Reject("image_missing")
+    if not raw:
+        return Reject("image_undecodable", "zero bytes")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > max_pixels:
+                return Reject("image_too_large", f"{image.width}x{image.height}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        return Reject("image_too_large", str(err)[:120])
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
+        # Reasons must be reproducible: drop object addresses such as "<_io.BytesIO object at 0x...>".
+        message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(err))
+        if "truncated" in message.lower():
+            return Reject("image_truncated", message[:120])
+        return Reject("image_undecodable", f"{type(err).__name__}: {message[:120]}")
+
+
+def check_min_side(image: Image.Image, min_side: int) -> Reject | None:
+    side = min(image.size)
+    return Reject("image_too_small", f"{image.width}x{image.height} < {min_side}") if side < min_side else None
+
+
+def check_aspect_ratio(image: Image.Image, max_ratio: float) -> Reject | None:
+    ratio = max(image.size) / max(1, min(image.size))
+    return Reject("image_aspect_ratio", f"{ratio:.2f} > {max_ratio}") if ratio > max_ratio else None
+
+
+class ImageFilters:
+    def __init__(self, cfg: ImageFilterConfig, min_side: int):
+        self.cfg, self.min_side = cfg, min_side
+
+    def check(self, raw: bytes | None) -> tuple[Image.Image | None, Reject | None]:
+        image = decode_image(raw, self.cfg.max_pixels)
+        if isinstance(image, Reject):
+            return None, image
+        reject = check_min_side(image, self.min_side) or check_aspect_ratio(image, self.cfg.max_aspect_ratio)
+        return (None, reject) if reject else (image, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP score (optional): a pluggable image-text scorer
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class ClipFilterConfig:
+    enabled: bool = False
+    scorer: str = "clip"  # a name in SCORERS
+    path: str = ""        # local directory (or local hub cache id) of the scorer's weights
+    min_score: float = 0.28  # cosine similarity; DataComp's CLIP-score filters sit around 0.28-0.30
+    batch_size: int = 32
+    device: str = "cpu"
+
+
+class ImageTextScorer(Protocol):
+    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
+        """Similarity of each (image, caption) pair, shape (N,)."""
+
+
+class ClipScorer:
+    """Cosine similarity of CLIP image and text embeddings (Hugging Face CLIPModel, local weights)."""
+
+    def __init__(self, model, tokenizer, image_processor, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer, self.image_processor, self.device = tokenizer, image_processor, device
+
+    @classmethod
+    def from_config(cls, cfg: ClipFilterConfig) -> ClipScorer:
+        import transformers
+
+        from deco.model.text_encoder import from_pretrained_offline
+
+        model = from_pretrained_offline(transformers.CLIPModel, cfg.path, "CLIP scorer")
+        tokenizer = from_pretrained_offline(transformers.AutoTokenizer, cfg.path, "CLIP scorer")
+        if (Path(cfg.path) / "preprocessor_config.json").is_file():
+            processor = from_pretrained_offline(transformers.CLIPImageProcessor, cfg.path, "CLIP scorer")
+        else:
+            side = model.config.vision_config.image_size
+            processor = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return cls(model, tokenizer, processor, cfg.device)
+
+    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
+        import torch
+
+        max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        with torch.no_grad():
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+            tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            image_emb = self.model.get_image_features(pixel_values=pixels)
+            text_emb = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                    attention_mask=tokens["attention_mask"].to(self.device))
+            image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+            text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+            return (image_emb * text_emb).sum(-1).cpu().numpy()
+
+
+SCORERS: dict[str, Callable[[ClipFilterConfig], ImageTextScorer]] = {"clip": ClipScorer.from_config}
+
+
+def register_scorer(name: str, factory: Callable[[ClipFilterConfig], ImageTextScorer]) -> None:
+    """Make another scorer selectable as `clip.scorer: <name>` (registered in code, never from YAML)."""
+    SCORERS[name] = factory
+
+
+def build_scorer(cfg: ClipFilterConfig) -> ImageTextScorer:
+    if cfg.scorer not in SCORERS:
+        raise ValueError(f"clip.scorer {cfg.scorer!r} is not registered; known: {sorted(SCORERS)}")
+    return SCORERS[cfg.scorer](cfg)
+
+
+class ClipScoreFilter:
+    def __init__(self, scorer: ImageTextScorer, min_score: float, batch_size: int = 32):
+        self.scorer, self.min_score, self.batch_size = scorer, min_score, batch_size
+
+    def check_batch(self, images: list[Image.Image], captions: list[str]) -> list[Reject | None]:
+        results: list[Reject | None] = []
+        for start in range(0, len(images), self.batch_size):
+            scores = self.scorer.score(images[start:start + self.batch_size], captions[start:start + self.batch_size])
+            results.extend(Reject("clip_score_low", f"{s:.4f} < {self.min_score}") if s < self.min_score else None
+                           for s in np.asarray(scores, dtype=np.float64))
+        return results

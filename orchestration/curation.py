@@ -1,0 +1,247 @@
+"""Curation work per partition, and its execution as Ray tasks (or a plain loop, for comparison).
+
+Pass 1, `stage_partition` (one task per partition, stage_cpus each): read, check captions, decode
+and check images, optional CLIP score, dedup keys, resize + re-encode to every resolution. It leaves
+under <output>/_work/stage/ the partition's keys, samples and rejects, then its `.done.json`
+marker: a partition with a marker is complete and is never redone.
+Pass 2 runs once on the driver (pipeline/curate.py): the job-wide dedup over every staged key.
+Pass 3, `write_partition` (write_cpus, write_gpus each): the partition's surviving samples (plus
+text embeddings) into shards under <output>/<res>/pNNNNN/, then its `_work/written/` marker.
+Anything a killed task left without a marker is overwritten by the rerun; all outputs are
+deterministic, so a rerun writes the same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from deco.data import dedup, shards
+from deco.data.filters import CaptionFilters, ClipScoreFilter, ImageFilters, Reject, build_scorer
+from deco.data.object_store import open_store
+from deco.data.sources import Partition, read_partition
+from deco.data.transforms import TextEmbedder, image_extension, transform_image
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+PLAN_KEY = f"{WORK}/plan.json"
+
+
+def stage_key(partition: str, part: str) -> str:
+    return f"{WORK}/stage/{partition}.{part}"
+
+
+def written_key(partition: str) -> str:
+    return f"{WORK}/written/{partition}.json"
+
+
+def _with_position(schema):
+    import pyarrow as pa
+
+    return schema.append(pa.field("position", pa.int32()))
+
+
+# Staged rows carry their position in the partition: the job-wide pass orders samples by it.
+KEYS_SCHEMA = _with_position(shards.KEYS_SCHEMA)
+REJECTS_SCHEMA = _with_position(shards.REJECTS_SCHEMA)
+
+# Built once per worker process, not once per task: langid's model, CLIP, the text encoder.
+_BUILT: dict[tuple[str, str], Any] = {}
+
+
+def _built(kind: str, section: Any, build: Callable[[Any], Any]) -> Any:
+    key = (kind, json.dumps(dataclasses.asdict(section), sort_keys=True))
+    if key not in _BUILT:
+        _BUILT[key] = build(section)
+    return _BUILT[key]
+
+
+def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
+    """Pass 1 for one partition; returns its counts (also stored in its marker)."""
+    started = time.perf_counter()
+    store = open_store(output_uri)
+    captions = _built("captions", cfg.captions, CaptionFilters)
+    images = ImageFilters(cfg.images, cfg.min_side)
+    clip = None
+    if cfg.clip.enabled:
+        clip = _built("clip", cfg.clip, lambda c: ClipScoreFilter(build_scorer(c), c.min_score, c.batch_size))
+    keys, samples, rejects, pending = [], [], [], []
+    seen = 0
+
+    def reject(position: int, sample_id: str, why: Reject) -> None:
+        rejects.append({"id": sample_id, "reason": why.reason, "detail": why.detail, "position": position})
+
+    def accept(position: int, sample_id: str, caption: str, image) -> None:
+        try:
+            encoded = transform_image(image, cfg.transform)
+            keys.append({"id": sample_id, "exact_key": dedup.exact_key(image, caption),
+                         "phash": dedup.phash(image), "position": position})
+        except Exception as err:  # noqa: BLE001 - one odd image must not fail the partition
+            reject(position, sample_id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
+            return
+        samples.append({"id": sample_id, "caption": caption, "orig_width": image.width, "orig_height": image.height,
+                        **{f"image_{r}": data for r, data in encoded.items()}})
+
+    def score_pending() -> None:
+        try:
+            verdicts = clip.check_batch([p[3] for p in pending], [p[2] for p in pending])
+        except Exception as err:  # noqa: BLE001 - a failed batch is counted, sample by sample
+            failure = Reject("processing_error", f"clip: {type(err).__name__}: {str(err)[:160]}")
+            verdicts = [failure] * len(pending)
+        for (position, sample_id, caption, image), verdict in zip(pending, verdicts):
+            if verdict is None:
+                accept(position, sample_id, caption, image)
+            else:
+                reject(position, sample_id, verdict)
+        pending.clear()
+
+    for position, raw in enumerate(read_partition(partition, cfg.sources)):
+        seen += 1
+        try:
+            if raw.reject is not None:
+                reject(position, raw.id, raw.reject)
+                continue
+            caption, why = captions.check(raw.caption)
+            if why is None:
+                image, why = images.check(raw.image)
+            if why is not None:
+                reject(position, raw.id, why)
+            elif clip is not None:
+                pending.append((position, raw.id, caption, image))
+            else:
+                accept(position, raw.id, caption, image)
+        except Exception as err:  # noqa: BLE001 - counted and reported, never silently lost
+            log.warning("sample %s of %s: %s", raw.id, partition.name, err)
+            reject(position, raw.id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
+        if clip is not None and len(pending) >= clip.batch_size:
+            score_pending()
+    if pending:
+        score_pending()
+
+    store.put_bytes(stage_key(partition.name, "keys.parquet"), shards.table_bytes(keys, KEYS_SCHEMA))
+    store.put_bytes(stage_key(partition.name, "samples.parquet"),
+                    shards.table_bytes(samples, shards.samples_schema(cfg.transform.resolutions)))
+    store.put_bytes(stage_key(partition.name, "rejects.parquet"), shards.table_bytes(rejects, REJECTS_SCHEMA))
+    rejected: dict[str, int] = {}
+    for row in rejects:
+        rejected[row["reason"]] = rejected.get(row["reason"], 0) + 1
+    counts = {"partition": partition.name, "samples_in": seen, "candidates": len(keys), "rejected": rejected,
+              "seconds": round(time.perf_counter() - started, 3)}
+    store.put_bytes(stage_key(partition.name, "done.json"), json.dumps(counts, sort_keys=True).encode())
+    return counts
+
+
+def write_partition(partition: str, drop: list[str], cfg, output_uri: str) -> dict:
+    """Pass 3 for one partition: its samples minus `drop` into shards; returns per-resolution stats."""
+    started = time.perf_counter()
+    store = open_store(output_uri)
+    resolutions = cfg.transform.resolutions
+    for r in resolutions:  # whatever a killed earlier attempt left
+        if cfg.output.format == "mds":
+            store.delete_prefix(shards.partition_dir(r, partition))
+        elif store.exists(f"{r}/{partition}-00000.tar"):  # list the folder only when there is something
+            for key in list(store.list(f"{r}/")):
+                if key.rsplit("/", 1)[-1].startswith(f"{partition}-"):
+                    store.delete_prefix(key)
+    table = shards.read_table(store.get_bytes(stage_key(partition, "samples.parquet")))
+    samples = list(shards.staged_samples(table, resolutions, set(drop)))
+    with_emb = cfg.text_emb.enabled
+    if with_emb and samples:
+        embedder = _built("text_emb", cfg.text_emb, TextEmbedder)
+        for sample, emb in zip(samples, embedder.embed([s["caption"] for s in samples])):
+            sample["text_emb"], sample["text_emb_dim"] = emb, embedder.dim
+    if cfg.output.format == "mds":
+        stats = shards.write_mds_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb)
+    else:
+        stats = shards.write_webdataset_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb,
+                                                  image_extension(cfg.transform))
+    record = {"partition": partition, "kept": len(samples), "ids": [s["id"] for s in samples],
+              "resolutions": {str(r): s for r, s in stats.items()}, "seconds": round(time.perf_counter() - started, 3)}
+    store.put_bytes(written_key(partition), json.dumps(record, sort_keys=True).encode())
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# Execution
+# ------------------------------------------------------------------------------------------------
+
+class _Progress:
+    """A partitions bar on stderr that also shows samples done and their rate."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar, self.samples, self.started = None, 0, time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="part", file=sys.stderr, dynamic_ncols=True)
+
+    def done(self, result: dict) -> None:
+        if self.bar is None:
+            return
+        self.samples += result.get("samples_in", result.get("kept", 0))
+        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.samples} samples, {rate:.1f}/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_local(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bool) -> Iterator[dict]:
+    """The same work in a plain loop in this process."""
+    bar = _Progress(len(calls), desc, progress)
+    try:
+        for args in calls:
+            result = fn(*args)
+            bar.done(result)
+            yield result
+    finally:
+        bar.close()
+
+
+def run_ray(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bool, *, num_cpus: float,
+            num_gpus: float = 0.0, max_in_flight: int) -> Iterator[dict]:
+    """One Ray task per call, at most `max_in_flight` at once; results in completion order.
+
+    Tasks are retried when their worker dies (max_retries) and on connection errors; any other
+    error stops the pass and is raised here as its original exception.
+    """
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
+                                    retry_exceptions=[ConnectionError, TimeoutError])
+    bar = _Progress(len(calls), desc, progress)
+    queue, in_flight = list(calls), []
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < max_in_flight:
+                in_flight.append(remote.remote(*queue.pop(0)))
+            done, in_flight = ray.wait(in_flight, num_returns=1)
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                raise (cause if isinstance(cause, BaseException) else err) from None
+            bar.done(result)
+            yield result
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        bar.close()
+
+
+def run_pass(fn: Callable[..., dict], calls: list[tuple], cfg, desc: str, *, cpus: float, gpus: float = 0.0) -> Iterable[dict]:
+    if not calls:
+        return iter(())
+    if cfg.execution == "local":
+        return run_local(fn, calls, desc, cfg.progress)
+    import ray
+
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    max_in_flight = cfg.num_workers or max(1, int(cluster_cpus // max(cpus, 1e-3)))
+    return run_ray(fn, calls, desc, cfg.progress, num_cpus=cpus, num_gpus=gpus, max_in_flight=max_in_flight)

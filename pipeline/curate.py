@@ -1,0 +1,234 @@
+"""`deco curate`: raw image-caption pairs -> filtered, deduplicated, resized MDS shards + a report.
+
+The story: load the config; check that output and input storage answer before any work (a missing
+bucket or bad credentials stop here with what to fix); plan deterministic partitions and check
+them against any earlier run in the same output; stage every partition not yet staged (pass 1, on
+Ray); decide duplicates once over the whole job (pass 2); write every partition not yet written
+(pass 3, on Ray); merge the per-resolution indexes, write rejects.parquet and the report.
+
+samples_in = samples_kept + sum(rejected) is checked before the report is written; every rejected
+sample is in rejects.parquet with its reason. Killed at any point, the same command resumes and
+ends with the same output as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from deco.data import dedup
+from deco.data.object_store import StorageError, is_s3, open_store
+from deco.data.shards import (REJECTS_SCHEMA, merge_mds_index, read_table, table_bytes, write_wids_index)
+from deco.data.sources import Partition, SourceError, plan_partitions
+from deco.orchestration import curation
+from deco.orchestration.ray_cluster import check_reachable, ray_cluster, ray_is_connected
+from deco.pipeline.config import ConfigError, load_config
+from deco.pipeline.curate_config import CurateConfig, output_fingerprint
+
+log = logging.getLogger(__name__)
+
+REPORT_KEY = "curation_report.json"
+REJECTS_KEY = "rejects.parquet"
+
+
+def load_curate_config(path: str, overrides: list[str] = (), inputs: list[str] | None = None,
+                       output: str | None = None, ray_address: str | None = None) -> CurateConfig:
+    extra = list(overrides)
+    if inputs:
+        extra.append("sources.uris=" + json.dumps(list(inputs)))
+    if output:
+        extra.append("output.uri=" + json.dumps(output))
+    if ray_address:
+        extra.append("ray.address=" + json.dumps(ray_address))
+    return load_config(CurateConfig, path, extra)
+
+
+def check_storage(cfg: CurateConfig) -> None:
+    """Output writable, input buckets reachable: before any work starts (and before creating anything)."""
+    if is_s3(cfg.output.uri):
+        open_store(cfg.output.uri).check(create=False)
+    else:
+        existing = Path(cfg.output.uri).expanduser().resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise StorageError(f"cannot create or write {cfg.output.uri}: {existing} is not a writable directory")
+    output = _normalised(cfg.output.uri)
+    for uri in cfg.sources.uris:
+        if output.startswith(_normalised(uri)) or _normalised(uri).startswith(output):
+            # a rerun would list the job's own output as input
+            raise ConfigError(f"the output {cfg.output.uri} and the input {uri} overlap: choose an output outside the inputs")
+        if is_s3(uri):
+            open_store("s3://" + uri[len("s3://"):].split("/", 1)[0]).check(create=False)
+
+
+def _normalised(uri: str) -> str:
+    return (uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())) + "/"
+
+
+def _plan(cfg: CurateConfig, store) -> tuple[list[Partition], str]:
+    try:
+        partitions = plan_partitions(cfg.sources)
+    except SourceError as err:
+        raise ConfigError(str(err)) from None
+    fingerprint = output_fingerprint(cfg)
+    plan = {"fingerprint": fingerprint, "partitions": [p.to_dict() for p in partitions]}
+    where = cfg.output.uri
+    if store.exists(REPORT_KEY):
+        previous = json.loads(store.get_bytes(REPORT_KEY))
+        if previous.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{where} already holds a curated dataset made with other settings; "
+                              "choose a new --output (or delete it)")
+    if store.exists(curation.PLAN_KEY):
+        previous = json.loads(store.get_bytes(curation.PLAN_KEY))
+        if previous != plan:
+            what = "settings" if previous.get("fingerprint") != fingerprint else "inputs"
+            raise ConfigError(f"{where} holds an unfinished run with different {what}: rerun with the original "
+                              f"config and inputs to resume it, or choose a new --output (or delete {where}/_work)")
+    else:
+        store.check(create=True)
+        store.put_bytes(curation.PLAN_KEY, json.dumps(plan, sort_keys=True).encode())
+    return partitions, fingerprint
+
+
+def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition]) -> tuple[dict[str, list[str]], list[dict]]:
+    """Pass 2: duplicate ids, then exact and near duplicates over every staged key of the job."""
+    candidates, first_seen, rejects = [], {}, []
+    for partition in partitions:
+        keys = read_table(store.get_bytes(curation.stage_key(partition.name, "keys.parquet"))).to_pylist()
+        staged_rejects = read_table(store.get_bytes(curation.stage_key(partition.name, "rejects.parquet")),
+                                    columns=["id", "position"]).to_pylist()
+        rows = sorted([(r["position"], r["id"], None) for r in staged_rejects] +
+                      [(k["position"], k["id"], k) for k in keys], key=lambda row: row[0])
+        for position, sample_id, key in rows:
+            if sample_id in first_seen:
+                if key is not None:  # already-rejected repeats keep their own reason
+                    rejects.append({"id": sample_id, "reason": "duplicate_id", "detail": f"first in {first_seen[sample_id]}",
+                                    "partition": partition.name, "position": position})
+                continue
+            first_seen[sample_id] = partition.name
+            if key is not None:
+                candidates.append((partition.name, position, key))
+    found = dedup.find_duplicates([c[2]["id"] for c in candidates], [c[2]["exact_key"] for c in candidates],
+                                  [c[2]["phash"] for c in candidates], exact=cfg.dedup.exact, near=cfg.dedup.near,
+                                  threshold=cfg.dedup.hamming_threshold)
+    where = {c[2]["id"]: (c[0], c[1]) for c in candidates}
+    drop: dict[str, list[str]] = {p.name: [] for p in partitions}
+    for row in rejects:
+        drop[row["partition"]].append(row["id"])
+    for duplicate in found:
+        partition, position = where[duplicate.id]
+        drop[partition].append(duplicate.id)
+        rejects.append({"id": duplicate.id, "reason": duplicate.reason, "partition": partition, "position": position,
+                        "detail": f"of {duplicate.duplicate_of} (distance {duplicate.distance})"})
+    return drop, rejects
+
+
+def _finish(cfg: CurateConfig, store, partitions: list[Partition], dedup_rejects: list[dict]) -> dict:
+    """Pass 4: merged indexes, rejects.parquet, and the counts of the report."""
+    resolutions = cfg.transform.resolutions
+    written = [json.loads(store.get_bytes(curation.written_key(p.name))) for p in partitions]
+    shard_stats = {}
+    for r in resolutions:
+        per_partition = [w["resolutions"][str(r)] for w in written]
+        if cfg.output.format == "mds":
+            merge_mds_index(cfg.output.uri, r, [p.name for p in partitions])
+        else:
+            write_wids_index(cfg.output.uri, r, [tar for s in per_partition for tar in s["tars"]])
+        shard_stats[str(r)] = {"samples": sum(s["samples"] for s in per_partition),
+                               "shards": sum(s["shards"] for s in per_partition),
+                               "bytes": sum(s["bytes"] for s in per_partition)}
+    rejects, samples_in = [], 0
+    for partition in partitions:
+        marker = json.loads(store.get_bytes(curation.stage_key(partition.name, "done.json")))
+        samples_in += marker["samples_in"]
+        staged = read_table(store.get_bytes(curation.stage_key(partition.name, "rejects.parquet"))).to_pylist()
+        rejects.extend(r | {"partition": partition.name} for r in staged)
+    rejects.extend(dedup_rejects)
+    rejects.sort(key=lambda r: (r["partition"], r["position"]))
+    schema = REJECTS_SCHEMA.append(pa.field("partition", pa.string())).append(pa.field("position", pa.int32()))
+    store.put_bytes(REJECTS_KEY, table_bytes(rejects, schema))
+    kept = sum(w["kept"] for w in written)
+    rejected = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    if samples_in != kept + sum(rejected.values()):
+        raise RuntimeError(f"curation lost track of samples: {samples_in} in, {kept} kept, "
+                           f"{sum(rejected.values())} rejected; the staged files under {cfg.output.uri}/_work are kept")
+    return {"samples_in": samples_in, "samples_kept": kept, "rejected": rejected,
+            "duplicates": {"exact": rejected.get("duplicate_exact", 0), "near": rejected.get("duplicate_near", 0),
+                           "id": rejected.get("duplicate_id", 0)},
+            "shards": shard_stats}
+
+
+def curate(cfg: CurateConfig) -> dict:
+    """Run (or resume) the curation job; returns the report also written beside the shards."""
+    started = time.perf_counter()
+    check_storage(cfg)
+    if cfg.execution == "ray" and not ray_is_connected():
+        check_reachable(cfg.ray)
+    store = open_store(cfg.output.uri)
+    partitions, fingerprint = _plan(cfg, store)  # creates nothing until the inputs are known good
+    if store.exists(REPORT_KEY):
+        log.info("%s is already complete", cfg.output.uri)
+        if not cfg.output.keep_staging:  # a run killed right after its report leaves staging behind
+            store.delete_prefix(f"{curation.WORK}/stage")
+        return json.loads(store.get_bytes(REPORT_KEY)) | {"already_complete": True}
+    timings = {}
+    cluster = ray_cluster(cfg.ray) if cfg.execution == "ray" else contextlib.nullcontext(None)
+    with cluster as info:
+        stage_todo = [p for p in partitions if not store.exists(curation.stage_key(p.name, "done.json"))]
+        tick = time.perf_counter()
+        for _ in curation.run_pass(curation.stage_partition, [(p, cfg, cfg.output.uri) for p in stage_todo],
+                                   cfg, "stage", cpus=cfg.resources.stage_cpus):
+            pass
+        timings["stage_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        drop, dedup_rejects = _decide_duplicates(cfg, store, partitions)
+        timings["dedup_s"] = time.perf_counter() - tick
+        write_todo = [p for p in partitions if not store.exists(curation.written_key(p.name))]
+        tick = time.perf_counter()
+        calls = [(p.name, drop[p.name], cfg, cfg.output.uri) for p in write_todo]
+        for _ in curation.run_pass(curation.write_partition, calls, cfg, "write",
+                                   cpus=cfg.resources.write_cpus, gpus=cfg.resources.write_gpus):
+            pass
+        timings["write_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    counts = _finish(cfg, store, partitions, dedup_rejects)
+    timings["finish_s"] = time.perf_counter() - tick
+    wall = time.perf_counter() - started
+    report = {**counts, "fingerprint": fingerprint, "output": cfg.output.uri, "format": cfg.output.format,
+              "resolutions": cfg.transform.resolutions, "text_emb": cfg.text_emb.enabled,
+              "partitions": len(partitions), "partitions_resumed": len(partitions) - len(stage_todo),
+              "execution": cfg.execution, "ray_address": info.address if info else None,
+              "config": dataclasses.asdict(cfg),
+              "throughput": {"wall_s": round(wall, 3), "samples_per_s": round(counts["samples_in"] / max(wall, 1e-9), 2),
+                             **{k: round(v, 3) for k, v in timings.items()}}}
+    store.put_bytes(REPORT_KEY, json.dumps(report, indent=2, sort_keys=True).encode())
+    if not cfg.output.keep_staging:
+        store.delete_prefix(f"{curation.WORK}/stage")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The end-of-run table: counts per reason, and shards per resolution."""
+    total = max(report["samples_in"], 1)
+    width = 36
+    lines = [f"{'samples in':<{width}}{report['samples_in']:>10}",
+             f"{'kept':<{width}}{report['samples_kept']:>10}  {100 * report['samples_kept'] / total:6.2f}%"]
+    for reason, count in sorted(report["rejected"].items(), key=lambda item: (-item[1], item[0])):
+        lines.append(f"{'  rejected: ' + reason:<{width}}{count:>10}  {100 * count / total:6.2f}%")
+    for resolution, stats in report["shards"].items():
+        lines.append(f"{resolution + ' px':<{width}}{stats['samples']:>10} samples in {stats['shards']} shards, "
+                     f"{stats['bytes'] / 2**20:.1f} MiB")
+    throughput = report["throughput"]
+    lines.append(f"{'throughput':<{width}}{throughput['samples_per_s']:>10} samples/s over {throughput['wall_s']} s")
+    lines.append(f"report: {report['output'].rstrip('/')}/{REPORT_KEY}")
+    return "\n".join(lines)
+
+

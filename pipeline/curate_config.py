@@ -1,0 +1,79 @@
+"""The curation job's configuration: one typed tree, each section owned by the component it builds.
+
+Load with `load_config(CurateConfig, path, overrides)`; see configs/data/curate.yaml (production
+defaults) and configs/data/curate_demo.yaml (the synthetic dataset on this machine).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from deco.data.dedup import DedupConfig
+from deco.data.filters import CaptionFilterConfig, ClipFilterConfig, ImageFilterConfig
+from deco.data.shards import ShardOutputConfig
+from deco.data.sources import SourceConfig
+from deco.data.transforms import TextEmbeddingConfig, TransformConfig
+from deco.orchestration.ray_cluster import RayConfig
+
+
+@dataclass(kw_only=True)
+class ResourcesConfig:
+    """Ray resources per task of each pass (a task is one partition)."""
+
+    stage_cpus: float = 1.0  # read, decode, filter, hash, resize
+    write_cpus: float = 1.0  # (text embedding) and shard writing
+    write_gpus: float = 0.0  # set to 1 to run the text encoder of text_emb on a GPU per write task
+
+
+@dataclass(kw_only=True)
+class CurateConfig:
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    output: ShardOutputConfig = field(default_factory=ShardOutputConfig)
+    captions: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    images: ImageFilterConfig = field(default_factory=ImageFilterConfig)
+    clip: ClipFilterConfig = field(default_factory=ClipFilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    text_emb: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # "ray": partitions run as Ray tasks. "local": the same work in a plain loop in this process
+    # (debugging, and the baseline of benchmarks/curate_throughput.py).
+    execution: Literal["ray", "local"] = "ray"
+    num_workers: int | None = None  # partitions in flight at once; None = as many as the cluster's CPUs allow
+    progress: bool = True  # progress bars on stderr
+
+    def validate(self) -> None:
+        if not self.output.uri:
+            raise ValueError("output.uri is not set: set it in the config or pass --output")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.images.min_side is not None and self.images.min_side < 1:
+            raise ValueError(f"images.min_side must be >= 1, got {self.images.min_side}")
+        if self.clip.enabled and not self.clip.path and self.clip.scorer == "clip":
+            raise ValueError("clip.path must name local CLIP weights when clip.enabled is true")
+        for section in (self.sources, self.sources.http, self.output, self.dedup, self.transform, self.text_emb, self.ray):
+            section.validate()
+
+    @property
+    def min_side(self) -> int:
+        """Images below this are rejected: images.min_side, else the largest target resolution."""
+        return self.images.min_side if self.images.min_side is not None else max(self.transform.resolutions)
+
+
+# Sections that do not change which samples are kept or what bytes the shards hold.
+RUNTIME_ONLY = ("ray", "resources", "execution", "num_workers", "progress")
+
+
+def output_fingerprint(cfg: CurateConfig) -> str:
+    """Hash of every setting that decides the output: a resumed run must match it."""
+    tree = dataclasses.asdict(cfg)
+    for key in RUNTIME_ONLY:
+        tree.pop(key)
+    tree["sources"].pop("http")
+    tree["output"].pop("keep_staging")
+    tree["output"].pop("uri")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
