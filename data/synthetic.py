@@ -71,6 +71,11 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: DrawnObject) -> None:
         raise ValueError(f"unknown shape {obj.shape!r}; known: {SHAPES}")
 
 
+def article(word: str) -> str:
+    """GenEval's prompts say "an orange ...": the same article in captions keeps train and eval text alike."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def plural(shape: str, count: int) -> str:
     return shape if count == 1 else shape + "s"
 
@@ -260,7 +265,7 @@ def make_scene(rng: random.Random, size: int, task: str | None = None,
         objects = [DrawnObject(shape, color, box)]
         clause = {"class": shape, "count": 1, **({"color": color} if task == "colors" else {})}
         include = [clause]
-        caption = f"a photo of a {color} {shape}" if task == "colors" else f"a photo of a {shape}"
+        caption = f"a photo of {article(color)} {color} {shape}" if task == "colors" else f"a photo of a {shape}"
     elif task in ("two_object", "color_attr"):
         shapes, colors = rng.sample(SHAPES, 2), rng.sample(palette, 2)
         hi = max(lo, square * 2 // 5)
@@ -268,7 +273,7 @@ def make_scene(rng: random.Random, size: int, task: str | None = None,
         objects = [DrawnObject(s, c, b) for s, c, b in zip(shapes, colors, boxes)]
         if task == "color_attr":
             include = [{"class": s, "count": 1, "color": c} for s, c in zip(shapes, colors)]
-            caption = f"a photo of a {colors[0]} {shapes[0]} and a {colors[1]} {shapes[1]}"
+            caption = f"a photo of {article(colors[0])} {colors[0]} {shapes[0]} and {article(colors[1])} {colors[1]} {shapes[1]}"
         else:
             include = [{"class": s, "count": 1} for s in shapes]
             caption = f"a photo of a {shapes[0]} and a {shapes[1]}"
@@ -328,7 +333,7 @@ def geneval_prompts() -> list[dict]:
     for shape in SHAPES:
         for color in COLORS:
             prompts.append({"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}],
-                            "prompt": f"a photo of a {color} {shape}"})
+                            "prompt": f"a photo of {article(color)} {color} {shape}"})
     for subject, reference in pairs:
         for relation in RELATIONS:
             prompts.append({"tag": "position", "include": [{"class": reference, "count": 1},
@@ -340,5 +345,5 @@ def geneval_prompts() -> list[dict]:
         for ca, cb in rng.sample(color_pairs, 5):
             prompts.append({"tag": "color_attr", "include": [{"class": a, "count": 1, "color": ca},
                                                              {"class": b, "count": 1, "color": cb}],
-                            "prompt": f"a photo of a {ca} {a} and a {cb} {b}"})
+                            "prompt": f"a photo of {article(ca)} {ca} {a} and {article(cb)} {cb} {b}"})
     return prompts
