@@ -30,10 +30,10 @@ COLOR = "(" + "|".join(COLORS) + ")"
 def parse_caption(caption: str) -> tuple[str, list[tuple[str, str | None, int]], str | None]:
     """(task, [(shape, colour or None, count)], relation) read from the caption text alone."""
     patterns = [
-        ("color_attr", rf"a photo of a {COLOR} {SHAPE} and a {COLOR} {SHAPE}"),
+        ("color_attr", rf"a photo of an? {COLOR} {SHAPE} and an? {COLOR} {SHAPE}"),
         ("two_object", rf"a photo of a {SHAPE} and a {SHAPE}"),
         ("position", rf"a photo of a {SHAPE} (left of|right of|above|below) a {SHAPE}"),
-        ("colors", rf"a photo of a {COLOR} {SHAPE}"),
+        ("colors", rf"a photo of an? {COLOR} {SHAPE}"),
         ("counting", rf"a photo of (one|two|three|four) {SHAPE}s?"),
         ("single_object", rf"a photo of a {SHAPE}"),
     ]
