@@ -1,0 +1,174 @@
+"""Training metrics: one JSON object per optimizer step in <run_dir>/metrics.jsonl, the same to wandb
+(offline unless the user is logged in), sample grids every K steps, a progress line on rank 0.
+
+MFU = achieved training FLOP/s per device / the device's dense bf16 peak, with the model's FLOPs
+from deco.model.flops (generator + REPA projector, forward + backward; frozen encoders excluded).
+On a CPU, or a GPU not in PEAK_BF16_FLOPS, MFU is null: there is no meaningful peak to divide by.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name(); most specific first.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+    ("RTX 4090", 165e12), ("L4", 121e12),
+)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "deco"
+    entity: str = ""
+    name: str = ""                 # "" = the run directory's name
+    console_every: int = 1         # progress line on rank 0 every N steps
+    sample_every: int = 0          # EMA sample grid every N steps (0 = never)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a red circle", "a photo of a blue square",
+        "a photo of a green triangle left of a yellow circle", "a photo of two purple squares"])
+    sample_steps: int = 25
+    sample_cfg: float = 4.0
+    sample_time_shift: float = 3.0
+    # Global sample ids of every step in <run_dir>/samples.jsonl: an audit of what the model saw.
+    record_sample_ids: bool = False
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory since the last step, or this process's resident memory on CPU."""
+    if device.type == "cuda":
+        value = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(value, 3)
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**30, 3)
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE when set; online when the user has logged in (API key or netrc entry); else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks' calls are no-ops."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, config: dict, max_steps: int, start_step: int):
+        """`start_step`: the first step this launch trains; records of later steps left by a run
+        that died after its last checkpoint belong to an abandoned timeline and are dropped."""
+        self.cfg, self.run_dir, self.enabled, self.max_steps = cfg, Path(run_dir), rank == 0, max_steps
+        self._wandb = None
+        self._start = time.perf_counter()
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = _rewound(self.run_dir / "metrics.jsonl", start_step)
+        self._samples = _rewound(self.run_dir / "samples.jsonl", start_step) if cfg.record_sample_ids else None
+        if cfg.wandb:
+            self._wandb = self._init_wandb(config, start_step)
+
+    def _init_wandb(self, config: dict, start_step: int):
+        try:
+            import wandb
+        except ImportError:
+            log.warning("wandb is not installed: metrics go to metrics.jsonl only")
+            return None
+        # One wandb run per launch, grouped by run directory: wandb drops steps it has seen, and a
+        # resumed launch repeats the steps after the checkpoint.
+        name = self.cfg.name or self.run_dir.name
+        return wandb.init(project=self.cfg.project, entity=self.cfg.entity or None, group=name,
+                          name=f"{name}@{start_step}", id=uuid.uuid4().hex[:12], dir=str(self.run_dir),
+                          config=config, mode=wandb_mode())
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "first_step")
+                             and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
+        step = record["step"]
+        if self.cfg.console_every and (step % self.cfg.console_every == 0 or step == self.max_steps):
+            print(progress_line(record, self.max_steps, time.perf_counter() - self._start), flush=True)
+
+    def log_sample_ids(self, step: int, ids: list[str]) -> None:
+        if self.enabled and self._samples is not None:
+            self._samples.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+    def log_images(self, step: int, grid_path: Path, prompts: list[str]) -> None:
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"samples": wandb.Image(str(grid_path), caption=" | ".join(prompts))}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._metrics.close()
+        if self._samples is not None:
+            self._samples.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _rewound(path: Path, start_step: int):
+    """Open a JSONL log for appending, keeping only whole records of steps before `start_step`."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # the half-written last line of a killed run
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a", buffering=1)
+
+
+def progress_line(record: dict, max_steps: int, elapsed: float) -> str:
+    if record["loss"] is None:
+        parts = [f"step {record['step']}/{max_steps}", "loss not finite: step skipped"]
+    else:
+        parts = [f"step {record['step']}/{max_steps}", f"loss {record['loss']:.4f}"]
+        parts += [f"{k} {record[k]:.4f}" for k in ("mse", "freq", "repa") if record.get(k) is not None]
+    if record.get("grad_norm") is not None:
+        parts.append(f"gnorm {record['grad_norm']:.3f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['samples_per_s']:.1f} img/s")
+    parts.append(f"data {100 * record['data_wait_share']:.0f}%")
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    parts.append(f"mem {record['memory_gib']:.2f} GiB")
+    done = record["step"] - record.get("first_step", 1) + 1
+    remaining = max_steps - record["step"]
+    if done > 0 and remaining > 0:
+        parts.append(f"eta {remaining * elapsed / done:.0f}s")
+    return " | ".join(parts)
