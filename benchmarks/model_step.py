@@ -29,7 +29,7 @@ PEAK_BF16_FLOPS = 989e12
 REFERENCE_IMG_S = {(256, "eager"): 160.5, (256, "compiled"): 331.7, (512, "eager"): 43.6}
 
 
-def measure(cfg: ModelConfig, batch: int, device: str, dtype: torch.dtype, compiled: bool, steps: int, warmup: int) -> dict:
+def measure(name: str, cfg: ModelConfig, batch: int, device: str, dtype: torch.dtype, compiled: bool, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = cfg.build().to(device=device, dtype=dtype).train()
     res, dit = cfg.resolution, cfg.dit
@@ -57,7 +57,7 @@ def measure(cfg: ModelConfig, batch: int, device: str, dtype: torch.dtype, compi
     seconds = time.perf_counter() - start
     samples_per_s = batch * steps / seconds
     result = {
-        "config": cfg.dit.hidden, "resolution": res, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+        "config": name, "resolution": res, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
         "mode": "compiled" if compiled else "eager", "step_ms": round(1000 * seconds / steps, 2),
         "samples_per_s": round(samples_per_s, 2),
         "train_flops_per_sample": deco_flops(cfg).train,
@@ -84,7 +84,7 @@ def main() -> None:
     results = {"host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": []}
 
     tiny = load_config(ModelConfig, ROOT / "configs" / "model" / "tiny.yaml")
-    results["runs"].append(measure(tiny, 32, "cpu", torch.float32, False, args.steps, warmup=2))
+    results["runs"].append(measure("tiny", tiny, 32, "cpu", torch.float32, False, args.steps, warmup=2))
 
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
@@ -92,7 +92,7 @@ def main() -> None:
         for res, batch, modes in ((256, 64, (False, True)), (512, 16, (False, True))):
             cfg = load_config(ModelConfig, ROOT / "configs" / "model" / "t2i_xxl16.yaml", [f"resolution={res}", "repa.enabled=false"])
             for compiled in modes:
-                results["runs"].append(measure(cfg, batch, "cuda", torch.bfloat16, compiled, args.steps, warmup=3))
+                results["runs"].append(measure("t2i_xxl16", cfg, batch, "cuda", torch.bfloat16, compiled, args.steps, warmup=3))
                 torch.cuda.empty_cache()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,15 @@ import argparse
 import sys
 
 from deco.data.object_store import StorageError
+from deco.pipeline.commands import data as data_commands
+from deco.pipeline.commands import geneval as geneval_commands
 from deco.pipeline.commands import model as model_commands
+from deco.pipeline.commands import pipeline as pipeline_commands
+from deco.pipeline.commands import train as train_commands
 from deco.pipeline.config import ConfigError
 
 # Each module's register(commands) adds its subcommands; add a module here to add an area.
-COMMAND_MODULES = (model_commands,)
+COMMAND_MODULES = (model_commands, train_commands, geneval_commands, data_commands, pipeline_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,85 +1,153 @@
-"""`deco demo`: what exists of the pipeline, end to end, offline, on this CPU in a few minutes.
+"""`deco demo` / `make demo`: the whole pipeline, offline, on this machine, then a summary.
 
-Builds the tiny DeCo, encodes synthetic captions with the packaged MiniLM text encoder, trains on a
-fixed batch of synthetic images with the real DeCo objective, exports the weights, and samples a
-grid through the same code path as `deco sample`.
+Runs configs/pipelines/demo.yaml (synthetic raw data with faults -> Ray curation -> MDS -> tiny DeCo
+under ZeRO-3 at 32 px -> gate -> 64 px from the promoted EMA -> gate), then scores an UNTRAINED
+model of the last stage on the same prompts with the same detector, so the summary shows what
+training bought. DEMO_S3=1 puts the object store on moto's S3 server (127.0.0.1) instead of a
+local directory. A rerun continues where an interrupted one stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from deco.data.synthetic import synthetic_pairs
-from deco.model.config import ModelConfig
-from deco.model.objective import ObjectiveConfig, drop_text, training_loss
-from deco.model.sampling import SamplerConfig
-from deco.model.text_encoder import TextEncoderConfig
-from deco.pipeline.config import load_config
-from deco.pipeline.sample import generate, save_grid
-from deco.pipeline.weights import save_weights
+from deco.pipeline.staged import PipelineRunner, StageBlocked, format_status, load_pipeline
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEMO_TEXT_ENCODER = TextEncoderConfig(kind="encoder", path="minilm", max_length=32, dtype="float32")
+DEMO_PIPELINE = CONFIG_DIR / "pipelines" / "demo.yaml"
 
 
-def images_to_tensor(images) -> torch.Tensor:
-    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+@contextlib.contextmanager
+def demo_object_store(out: Path):
+    """The store root: a local directory, or a bucket on a moto S3 server started here (DEMO_S3=1)."""
+    if os.environ.get("DEMO_S3") != "1":
+        yield str(out / "store")
+        return
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # Children (curation, ranks, gates) inherit these; moto accepts any credentials.
+    os.environ.update({"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "demo",
+                       "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"})
+    boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).create_bucket(Bucket="deco-demo")
+    print(f"[demo] object store: moto S3 server on 127.0.0.1:{port}, bucket deco-demo", flush=True)
+    try:
+        yield "s3://deco-demo/store"
+    finally:
+        server.stop()
 
 
-def run_demo(out_dir: str | Path = "demo_out", steps: int = 400, batch: int = 32, seed: int = 0,
-             lr: float = 1e-3, log_every: int = 25) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model_cfg = load_config(ModelConfig, CONFIG_DIR / "model" / "tiny.yaml")
-    model = model_cfg.build()
-    encoder = DEMO_TEXT_ENCODER.build()
-    objective = ObjectiveConfig(time_shift=1.0)  # 32 px: little signal to hide, no shift needed
+def _deco(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "deco.pipeline.cli", *args], check=True)
 
-    pairs = synthetic_pairs(batch, model_cfg.resolution, seed)
-    captions = [caption for _, caption in pairs]
-    images = images_to_tensor([image for image, _ in pairs])
-    text, mask = encoder.encode(captions)
-    empty = encoder.empty_encoding()
-    save_grid(images[:16], out_dir / "train_batch.png", columns=4)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    losses, start = [], time.perf_counter()
-    with open(out_dir / "metrics.jsonl", "w") as metrics:
-        for step in range(1, steps + 1):
-            step_text, step_mask = drop_text(text, mask, empty, objective.text_dropout, generator)
-            parts = training_loss(model, images, step_text, step_mask, objective, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            record = {"step": step, **{k: round(v.item(), 5) for k, v in parts.items()},
-                      "grad_norm": round(grad_norm.item(), 4), "elapsed_s": round(time.perf_counter() - start, 2)}
-            metrics.write(json.dumps(record) + "\n")
-            losses.append(record["loss"])
-            if step % log_every == 0 or step == 1:
-                print(f"step {step:4d}/{steps}  loss {record['loss']:.4f}  mse {record['mse']:.4f}  "
-                      f"freq {record['freq']:.4f}  {record['elapsed_s']:.0f}s", flush=True)
+def untrained_baseline(runner: PipelineRunner, stage) -> dict:
+    """GenEval summary of an untrained model of `stage` under the stage's own gate config."""
+    from deco.model.text_encoder import TextEncoderConfig
+    from deco.pipeline.config import load_config
+    from deco.pipeline.train_config import TrainConfig
+    from deco.pipeline.weights import save_weights
 
-    weights = save_weights(out_dir / "tiny_demo.safetensors", model.eval(), DEMO_TEXT_ENCODER,
-                           extra={"steps": steps, "captions": captions[:16]})
-    sampler = SamplerConfig(method="adams2", steps=25, cfg_scale=2.0, time_shift=1.0)
-    samples = generate(model, encoder, captions[:16], sampler, seed=seed)
-    grid = save_grid(samples, out_dir / "samples.png", columns=4)
-    window = min(20, len(losses))
-    summary = {
-        "steps": steps,
-        "loss_first": round(float(np.mean(losses[:window])), 4),
-        "loss_last": round(float(np.mean(losses[-window:])), 4),
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "weights": str(weights), "samples": str(grid), "train_batch": str(out_dir / "train_batch.png"),
-        "sample_command": f"deco sample --weights {weights} --prompt \"{captions[0]}\" --n 4 --out {out_dir}/sample.png",
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    work = runner.stage_work(stage) / "untrained_baseline"
+    summary_path = work / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    overrides = [*stage.overrides]
+    if stage.resolution:
+        overrides += [f"model.resolution={stage.resolution}", f"data.resolution={stage.resolution}"]
+    train_cfg = load_config(TrainConfig, runner.cfg.resolve(stage.config), overrides)
+    torch.manual_seed(train_cfg.seed)  # the initialisation the trainer itself starts from
+    train_cfg.model.repa.enabled = False
+    weights = save_weights(work / "untrained.safetensors", train_cfg.model.build(), train_cfg.text_encoder)
+    gate = ["--config", runner.cfg.resolve(stage.gate), *[a for o in stage.gate_overrides for a in ("--set", o)]]
+    _deco("geneval", "generate", "--weights", str(weights), "--out", str(work / "images"), *gate)
+    _deco("geneval", "score", "--images", str(work / "images"), "--out", str(work / "results.jsonl"), *gate)
+    _deco("geneval", "summary", str(work / "results.jsonl"), "--out", str(summary_path))
+    return json.loads(summary_path.read_text())
+
+
+def _losses(metrics: Path) -> tuple[float | None, float | None, int]:
+    if not metrics.exists():
+        return None, None, 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
+    window = max(1, min(10, len(losses) // 4))
+    first = sum(losses[:window]) / window if losses else None
+    last = sum(losses[-window:]) / window if losses else None
+    return first, last, max((r.get("step", 0) for r in rows), default=0)
+
+
+def summary_table(runner: PipelineRunner, baseline: dict | None, baseline_stage: str) -> tuple[str, dict]:
+    from deco.pipeline.checkpoint_manifest import list_checkpoints
+    from deco.pipeline.gate import read_promoted, read_verdict
+    from deco.pipeline.geneval.prompts import TASKS
+
+    header = f"{'stage':<10} {'steps':>5} {'loss first->last':>17} {'overall':>8} " + " ".join(f"{t[:9]:>9}" for t in TASKS)
+    lines, data = [header], {"stages": {}, "baseline_stage": baseline_stage}
+    for stage in runner.cfg.stages:
+        record = runner.record(stage) or {}
+        if stage.kind != "train":
+            outputs = record.get("outputs", {})
+            data["stages"][stage.name] = outputs
+            if stage.kind == "curate":
+                lines.append(f"{stage.name:<10} curated: {outputs.get('samples_kept')} kept of {outputs.get('samples_in')} in")
+            continue
+        uri = runner.stage_uri(stage)
+        promoted = read_promoted(uri)
+        refs = list_checkpoints(uri)
+        verdict = read_verdict(promoted["verdict_uri"].rsplit("/", 1)[0]) if promoted else (read_verdict(refs[-1].uri) if refs else None)
+        first, last, steps = _losses(runner.stage_work(stage) / "metrics.jsonl")
+        scores = (verdict or {}).get("scores") or {}
+        tasks = scores.get("tasks") or {}
+        loss = f"{first:.3f}->{last:.3f}" if first is not None else "-"
+        overall = f"{scores['overall']:.3f}" if "overall" in scores else "-"
+        lines.append(f"{stage.name:<10} {steps:>5} {loss:>17} {overall:>8} " + " ".join(
+            f"{tasks[t]:>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS))
+        data["stages"][stage.name] = {"steps": steps, "loss_first": first, "loss_last": last, "scores": scores,
+                                      "promoted": promoted and promoted["checkpoint_uri"],
+                                      "report": ((verdict or {}).get("report") or {}).get("html"),
+                                      "metrics": str(runner.stage_work(stage) / "metrics.jsonl")}
+    if baseline:
+        tasks = baseline.get("tasks", {})
+        lines.append(f"{'untrained':<10} {0:>5} {'-':>17} {baseline['overall']:>8.3f} " + " ".join(
+            f"{tasks[t]:>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS) + f"   (same prompts/detector as {baseline_stage})")
+        data["baseline"] = baseline
+    return "\n".join(lines), data
+
+
+def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> int:
+    out = Path(out).resolve()
+    with demo_object_store(out) as root:
+        cfg = load_pipeline(DEMO_PIPELINE, [f"root={root}", f"work_dir={out / 'work'}", *overrides])
+        runner = PipelineRunner(cfg)
+        try:
+            runner.run()
+        except StageBlocked as err:
+            print(f"[demo] blocked: {err}\n{format_status(runner.status())}")
+            return 3
+        last = [s for s in cfg.stages if s.kind == "train" and s.gate][-1]
+        baseline = untrained_baseline(runner, last)
+        table, data = summary_table(runner, baseline, last.name)
+    print("\n" + format_status(runner.status()) + "\n\n" + table + "\n")
+    for name, stage in data["stages"].items():
+        if isinstance(stage, dict) and stage.get("report"):
+            print(f"{name}: gate report {stage['report']}  metrics {stage['metrics']}")
+    trained = data["stages"][last.name].get("scores", {}).get("overall")
+    print(f"\nGenEval (synthetic) of the final checkpoint: {trained}; untrained model: {baseline.get('overall')}")
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    (out / "work" / "demo_summary.json").write_text(json.dumps(data, indent=2, default=str))
+    print(f"summary: {out / 'work' / 'demo_summary.json'}")
+    return 0

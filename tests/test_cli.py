@@ -21,7 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 FROZEN_FLAGS = {
     ("model", "summary"): {"--config", "--set"},
     ("sample",): {"--weights", "--prompt", "--n", "--steps", "--cfg", "--seed", "--sampler", "--time-shift", "--out"},
-    ("demo",): {"--out", "--steps"},
+    ("demo",): {"--out", "--set"},
+    ("pipeline", "run"): {"--set"},
+    ("pipeline", "status"): {"--set", "--json"},
+    ("train",): {"--config", "--nproc", "--run-dir", "--data", "--max-steps", "--checkpoint-every", "--resume", "--set"},
+    ("launch",): {"--config", "--hostfile", "--slurm", "--nodes", "--gpus-per-node", "--partition", "--time",
+                  "--run-dir", "--dry-run", "--set"},
+    ("export",): {"--checkpoint", "--out", "--ema"},
+    ("data", "synth"): {"--out", "--n", "--seed", "--format", "--bad-fraction"},
+    ("curate",): {"--config", "--input", "--output", "--ray-address", "--set"},
+    ("geneval", "generate"): {"--weights", "--checkpoint", "--prompts", "--out", "--config", "--set"},
+    ("geneval", "score"): {"--images", "--out", "--detector", "--detections", "--save-detections", "--config", "--set"},
+    ("geneval", "summary"): {"--out"},
+    ("geneval", "report"): {"--results", "--out"},
+    ("geneval", "synthetic-prompts"): {"--out", "--per-task", "--seed"},
+    ("gate", "run"): {"--checkpoint", "--force", "--config", "--set"},
+    ("gate", "watch"): {"--stage", "--stage-uri", "--watcher-id", "--once", "--max-polls", "--config", "--set"},
 }
 
 

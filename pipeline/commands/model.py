@@ -32,9 +32,9 @@ def register(commands) -> None:
     sample.add_argument("--out", required=True, help="output grid PNG")
     sample.set_defaults(handler=sample_images)
 
-    demo = commands.add_parser("demo", help="run the offline demo on this machine")
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=int, default=400)
+    demo = commands.add_parser("demo", help="run the whole pipeline offline on this machine (configs/pipelines/demo.yaml)")
+    demo.add_argument("--out", default="runs/demo", help="local folder for the store, logs and reports")
+    add_set_flag(demo)
     demo.set_defaults(handler=run_demo)
 
 
@@ -69,5 +69,4 @@ def sample_images(args) -> int:
 def run_demo(args) -> int:
     from deco.pipeline.demo import run_demo as demo
 
-    print(json.dumps(demo(args.out, steps=args.steps), indent=2))
-    return 0
+    return demo(args.out, args.overrides)
