@@ -90,6 +90,11 @@ def _losses(metrics: Path) -> tuple[float | None, float | None, int]:
     return first, last, max((r.get("step", 0) for r in rows), default=0)
 
 
+def _accuracy(value) -> float:
+    """A task's accuracy from a verdict (a number) or a GenEval summary ({accuracy, correct, total})."""
+    return value["accuracy"] if isinstance(value, dict) else float(value)
+
+
 def summary_table(runner: PipelineRunner, baseline: dict | None, baseline_stage: str) -> tuple[str, dict]:
     from deco.pipeline.checkpoint_manifest import list_checkpoints
     from deco.pipeline.gate import read_promoted, read_verdict
@@ -115,7 +120,7 @@ def summary_table(runner: PipelineRunner, baseline: dict | None, baseline_stage:
         loss = f"{first:.3f}->{last:.3f}" if first is not None else "-"
         overall = f"{scores['overall']:.3f}" if "overall" in scores else "-"
         lines.append(f"{stage.name:<10} {steps:>5} {loss:>17} {overall:>8} " + " ".join(
-            f"{tasks[t]:>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS))
+            f"{_accuracy(tasks[t]):>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS))
         data["stages"][stage.name] = {"steps": steps, "loss_first": first, "loss_last": last, "scores": scores,
                                       "promoted": promoted and promoted["checkpoint_uri"],
                                       "report": ((verdict or {}).get("report") or {}).get("html"),
@@ -123,7 +128,7 @@ def summary_table(runner: PipelineRunner, baseline: dict | None, baseline_stage:
     if baseline:
         tasks = baseline.get("tasks", {})
         lines.append(f"{'untrained':<10} {0:>5} {'-':>17} {baseline['overall']:>8.3f} " + " ".join(
-            f"{tasks[t]:>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS) + f"   (same prompts/detector as {baseline_stage})")
+            f"{_accuracy(tasks[t]):>9.3f}" if t in tasks else f"{'-':>9}" for t in TASKS) + f"   (same prompts/detector as {baseline_stage})")
         data["baseline"] = baseline
     return "\n".join(lines), data
 

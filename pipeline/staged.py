@@ -176,7 +176,8 @@ class PipelineRunner:
         outputs = {"uri": out, "checkpoints": [c.step for c in list_checkpoints(out)]}
         if stage.gate:
             gate = ["gate", "watch", "--stage", stage.name, "--stage-uri", out,
-                    "--config", self.cfg.resolve(stage.gate), "--once"]
+                    "--config", self.cfg.resolve(stage.gate), "--once",
+                    "--set", f"work_dir={self.stage_work(stage) / 'gate'}"]
             for item in stage.gate_overrides:
                 gate += ["--set", item]
             self._cli(stage, *gate)

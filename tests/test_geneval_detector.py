@@ -77,3 +77,17 @@ def test_reads_pixels_not_captions(detector):
     assert [(n, d.color) for n, ds in found.items() for d in ds] == [("circle", "blue")]
     # A plain background has nothing on it.
     assert all(not v for v in detector.detect_one(Image.new("RGB", (64, 64), BACKGROUNDS[0])).values())
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_finds_nothing_in_noise(detector, size):
+    """An untrained model's samples are noise: a gate must score them zero, never find shapes there."""
+    rng = np.random.default_rng(size)
+    gaussian = np.clip(rng.normal(127.5, 127.5, (size, size, 3)), 0, 255)   # N(0,1) noise in [-1, 1], clamped
+    uniform = rng.uniform(0, 255, (size, size, 3))
+    blurred = np.clip(rng.normal(127.5, 60, (size // 4, size // 4, 3)), 0, 255)
+    for array in (gaussian, uniform, blurred):
+        image = Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        found = detector.detect([image])[0]
+        counted = {name: [d for d in dets if d.score > 0.3] for name, dets in found.items()}
+        assert not any(counted.values()), {name: [(d.box, round(d.score, 3)) for d in dets] for name, dets in counted.items() if dets}

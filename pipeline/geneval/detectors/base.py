@@ -27,6 +27,16 @@ class SyntheticDetectorConfig:
     split_fraction: float = 0.15        # a colour region this share of a component is its own object...
     split_depth: float = 0.3            # ...when its inscribed radius is this share of the component's
     denoise_above: float = 2.0          # border noise (RGB std) above which a 3x3 median runs first
+    # Every object is drawn in one palette colour: a region whose pixels are not mostly within
+    # purity_delta_e of that one colour is a blob of mixed colours (noise, smears), not an object.
+    min_color_purity: float = 0.6
+    purity_delta_e: float = 25.0
+    max_area_fraction: float = 0.8      # a "component" this large means no background was found
+    # A scene has a coherent background: the median CIELAB distance of background pixels from the
+    # smooth background estimate is ~1 on renders, 7-15 on a trained model's samples, 20+ on noise.
+    # Detection scores are scaled by 1 at or below background_residual_ok down to 0 at _max.
+    background_residual_ok: float = 10.0
+    background_residual_max: float = 20.0
 
 
 @dataclass(kw_only=True)

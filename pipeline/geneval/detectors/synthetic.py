@@ -184,8 +184,8 @@ class SyntheticDetector(Detector):
     def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]:
         return [self.detect_one(image) for image in images]
 
-    def _objects(self, rgb: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Object masks, and the CIELAB image they were found in."""
+    def _objects(self, rgb: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, float]:
+        """Object masks, the CIELAB image they were found in, and the scene's background coherence."""
         # Background candidates: pixels far (L1 over RGB) from every palette colour. On a render
         # that is exactly the background (objects are drawn in their exact colours and the
         # background keeps its distance from them); on a generated image it is a robust start.
@@ -200,6 +200,9 @@ class SyntheticDetector(Detector):
         lab = rgb_to_lab(rgb)
         background = rgb_to_lab(background_surface(rgb, candidates))
         from_background = np.linalg.norm(lab - background, axis=-1)
+        residual = float(np.median(from_background[candidates])) if candidates.any() else np.inf
+        ok, worst = self.cfg.background_residual_ok, self.cfg.background_residual_max
+        coherence = float(np.clip((worst - residual) / max(worst - ok, 1e-9), 0.0, 1.0))
         palette, from_palette = palette_distances(lab)
         # Foreground: clearly off the local background, and nearer some object colour than to it.
         foreground = (from_background > self.cfg.foreground_delta_e) & (from_palette < from_background)
@@ -227,19 +230,30 @@ class SyntheticDetector(Detector):
                             and region_depth >= self.cfg.split_depth * depth.max()):
                         regions.append(region)
             for region in (regions if len(regions) > 1 else [component]):
+                if not self._solid(region, local_palette, from_palette[window], rgb.shape[0] * rgb.shape[1]):
+                    continue
                 full = np.zeros(foreground.shape, dtype=bool)
                 full[window] = region
                 objects.append(full)
-        return objects, lab
+        return objects, lab, coherence
+
+    def _solid(self, region: np.ndarray, palette: np.ndarray, from_palette: np.ndarray, image_area: int) -> bool:
+        """Whether a region is one object: mostly a single palette colour, and not the whole image."""
+        if region.sum() > self.cfg.max_area_fraction * image_area:
+            return False
+        colors, counts = np.unique(palette[region], return_counts=True)
+        dominant = colors[np.argmax(counts)]
+        pure = (palette[region] == dominant) & (from_palette[region] < self.cfg.purity_delta_e)
+        return pure.mean() >= self.cfg.min_color_purity
 
     def detect_one(self, image: Image.Image) -> dict[str, list[Detection]]:
         rgb = np.asarray(image.convert("RGB"))
         found: dict[str, list[Detection]] = {name: [] for name in self.classes}
-        masks, lab = self._objects(rgb)
+        masks, lab, coherence = self._objects(rgb)
         for mask in masks:
             box = mask_to_box(mask)
             shape, score, _ = classify_shape(shape_features(mask), max(box[2] - box[0], box[3] - box[1]))
-            found[shape].append(Detection(box=box, score=score, mask=mask, color=self._color(lab, mask)))
+            found[shape].append(Detection(box=box, score=score * coherence, mask=mask, color=self._color(lab, mask)))
         for detections in found.values():
             detections.sort(key=lambda d: d.score, reverse=True)
         return found
