@@ -37,6 +37,9 @@ def demo_object_store(out: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     # Children (curation, ranks, gates) inherit these; moto accepts any credentials.
@@ -146,7 +149,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> int:
         last = [s for s in cfg.stages if s.kind == "train" and s.gate][-1]
         baseline = untrained_baseline(runner, last)
         table, data = summary_table(runner, baseline, last.name)
-    print("\n" + format_status(runner.status()) + "\n\n" + table + "\n")
+        status = format_status(runner.status())  # reads the store: before a DEMO_S3 server stops
+    print("\n" + status + "\n\n" + table + "\n")
     for name, stage in data["stages"].items():
         if isinstance(stage, dict) and stage.get("report"):
             print(f"{name}: gate report {stage['report']}  metrics {stage['metrics']}")

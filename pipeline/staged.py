@@ -8,6 +8,7 @@ continues at the first unfinished stage and never redoes a finished one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -153,7 +154,9 @@ class PipelineRunner:
 
         previous = self.cfg.stage(stage.init_from)
         ref = promoted_checkpoint(self.stage_uri(previous))
-        path = self.stage_work(stage) / f"init_{previous.name}_step{ref.step}_ema.safetensors"
+        # Keyed by the checkpoint's URI as well: the same work dir may serve another `root`.
+        digest = hashlib.sha256(ref.uri.encode()).hexdigest()[:8]
+        path = self.stage_work(stage) / f"init_{previous.name}_step{ref.step}_{digest}_ema.safetensors"
         if not path.exists():
             export_checkpoint(ref.uri, path, ema=True)
         return str(path)
