@@ -64,7 +64,7 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         if Path(local).resolve() == path.resolve():
             return
-        tmp = path.with_name(f".{path.name}.partial")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # concurrent writers never share it
         shutil.copyfile(local, tmp)
         os.replace(tmp, path)
 
@@ -99,6 +99,10 @@ class LocalStore:
         files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
         keys = sorted(str(p.relative_to(self.root)).replace(os.sep, "/") for p in files)
         return iter(k for k in keys if not Path(k).name.startswith("."))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} of the files `list(prefix)` returns, in one pass."""
+        return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -172,7 +176,8 @@ class S3Store:
     def get_file(self, key: str, local: str | Path) -> Path:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.partial")
+        # Unique per process: ranks on one host may fetch the same file into a shared directory.
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
         self.client.download_file(self.bucket, self._key(key), str(tmp))
         os.replace(tmp, local)
         return local
@@ -205,13 +210,17 @@ class S3Store:
         return io.BufferedReader(raw, buffer_size=buffer_size)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return iter(sorted(self.list_sizes(prefix)))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} under `prefix`, from the listing itself (no request per object)."""
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
-        keys = []
+        sizes = {}
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return iter(sorted(keys))
+            sizes.update({obj["Key"][strip:]: obj["Size"] for obj in page.get("Contents", [])})
+        return sizes
 
     def delete_prefix(self, prefix: str) -> None:
         keys = list(self.list(prefix))

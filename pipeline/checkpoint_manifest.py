@@ -73,23 +73,12 @@ def read_manifest(checkpoint_uri: str, verify_files: bool = True) -> Manifest | 
     if manifest.format != FORMAT:
         raise CheckpointError(f"{checkpoint_uri}: unknown checkpoint format {manifest.format!r}")
     if verify_files:
-        present = _sizes(store)
+        present = store.list_sizes()
         missing = [k for k, size in manifest.files.items() if present.get(k) != size]
         if missing:
             raise CheckpointError(f"{checkpoint_uri} is corrupt: {len(missing)} listed files missing or "
                                   f"of the wrong size, e.g. {missing[:3]}")
     return manifest
-
-
-def _sizes(store) -> dict[str, int]:
-    if hasattr(store, "root"):
-        return {k: (store.root / k).stat().st_size for k in store.list()}
-    paginator = store.client.get_paginator("list_objects_v2")
-    prefix = store._key("") + "/" if store.prefix else ""
-    sizes = {}
-    for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix):
-        sizes.update({obj["Key"][len(prefix):]: obj["Size"] for obj in page.get("Contents", [])})
-    return sizes
 
 
 def list_checkpoints(stage_uri: str) -> list[CheckpointRef]:

@@ -21,6 +21,7 @@ def test_put_get_list_delete(store_uri, tmp_path):
     assert store.get_bytes("a/one.json") == b"1"
     assert store.get_file("a/b/two.bin", tmp_path / "out.bin").read_bytes() == b"x" * 100_000
     assert list(store.list("a")) == ["a/b/two.bin", "a/one.json"]
+    assert store.list_sizes("a") == {"a/b/two.bin": 100_000, "a/one.json": 1}
     assert store.exists("a/one.json") and not store.exists("a/none")
     with pytest.raises(FileNotFoundError, match="none"):
         store.get_bytes("a/none")
