@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
+# Fields that choose how the model computes, not what: weights trained under one value serve under
+# another, so comparisons of a checkpoint's config with a run's leave them out.
+EXECUTION_FIELDS = {"dit": ("attention_backend",)}
+
+
+def model_identity(tree: dict) -> dict:
+    """A model config as a plain tree (ModelConfig fields), without its EXECUTION_FIELDS."""
+    return {section: ({k: v for k, v in value.items() if k not in EXECUTION_FIELDS.get(section, ())}
+                      if isinstance(value, dict) else value) for section, value in tree.items()}
+
 
 @dataclass(kw_only=True)
 class DiTConfig:
@@ -22,6 +33,12 @@ class DiTConfig:
     time_freq_dim: int = 256
     time_max_period: float = 10.0   # t lives in [0, 1], so the sinusoid's periods are short
     mask_text_padding: bool = True  # False reproduces the reference, which attends to padding
+    # How masked attention runs (an unmasked forward always uses plain SDPA, i.e. flash on GPU):
+    #   "sdpa": F.scaled_dot_product_attention with a boolean mask, which rules out the flash kernel;
+    #   "flex": FlexAttention with a BlockMask built once per forward (fused only under torch.compile;
+    #           on CPU torch runs it unfused and forward-only);
+    #   "auto": flex on CUDA when padding is masked, sdpa otherwise (torch's CPU flex has no backward).
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -32,6 +49,10 @@ class DiTConfig:
             raise ValueError(f"dit.hidden={self.hidden} is not divisible by dit.heads={self.heads}")
         if self.head_dim % 4:
             raise ValueError(f"head dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"dit.attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -44,6 +44,10 @@ class DeCo(nn.Module):
         for block in self.dit.text_blocks:
             block.checkpointing = blocks is True
 
+    def reset_buffers(self) -> None:
+        """Recompute the buffers derived from the config (not saved with the weights)."""
+        self.decoder.reset_buffers()
+
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights needed to sample: everything but the training-only REPA projector."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("repa_projector.")}

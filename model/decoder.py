@@ -45,7 +45,7 @@ class DecoderBlock(nn.Module):
 class PixelDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, dit_hidden: int, patch: int):
         super().__init__()
-        self.patch, self.width = patch, cfg.width
+        self.patch, self.width, self.pos_freqs = patch, cfg.width, cfg.pos_freqs
         self.register_buffer("position_code", dct_position_code(patch, cfg.pos_freqs), persistent=False)
         self.pixel_in = nn.Linear(3 + self.position_code.shape[1], cfg.width)
         # The paper's "upsampling": a learned projection of each token to a condition per pixel.
@@ -55,6 +55,12 @@ class PixelDecoder(nn.Module):
         self.out = nn.Linear(cfg.width, 3)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the position code in full precision (a builder that creates tensors in bf16,
+        like ZeRO-3's partitioned init, would otherwise leave a coarser code than export loads)."""
+        self.position_code.copy_(dct_position_code(self.patch, self.pos_freqs))
 
     def forward(self, x_t: torch.Tensor, token_cond: torch.Tensor) -> torch.Tensor:
         """x_t (B, 3, H, W) and per-token condition (B, N, D) -> predicted velocity (B, 3, H, W)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from deco.model.config import DiTConfig
@@ -22,6 +23,33 @@ def unpatchify(pixels: torch.Tensor, patch: int, height: int, width: int) -> tor
     batch, _, _, channels = pixels.shape
     grid = pixels.reshape(batch, height // patch, width // patch, patch, patch, channels)
     return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
+
+
+def flex_block_masks(text_mask: torch.Tensor, image_tokens: int) -> tuple[BlockMask, BlockMask]:
+    """FlexAttention BlockMasks with exactly the boolean masks' meaning (see DiT._masks).
+
+    Built once per forward, outside the (possibly compiled) blocks: create_block_mask evaluates the
+    mask densely, which every block would otherwise repeat. The mask_mods close over the (B, L)
+    text mask, so each batch gets new closures; Dynamo guards on their code, not their identity,
+    so a compiled block does not recompile per batch. Heads share the mask (H=1 broadcasts).
+    """
+    text_mask = text_mask.bool()
+    batch, text_len = text_mask.shape
+
+    def text_self(b, h, q_idx, kv_idx):
+        return text_mask[b, kv_idx] | (q_idx == kv_idx)
+
+    def image(b, h, q_idx, kv_idx):
+        # Clamped so image keys (kv_idx < image_tokens) never index the text mask out of range:
+        # the fused kernel evaluates both sides of the `|` for every key.
+        text_idx = (kv_idx - image_tokens).clamp(min=0)
+        return (kv_idx < image_tokens) | text_mask[b, text_idx]
+
+    device = text_mask.device
+    return (
+        create_block_mask(text_self, batch, None, text_len, text_len, device=device),
+        create_block_mask(image, batch, None, image_tokens, image_tokens + text_len, device=device),
+    )
 
 
 def _run_block(block: AdaLNBlock, *args):
@@ -47,10 +75,24 @@ class DiT(nn.Module):
             AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=True) for _ in range(cfg.depth)
         )
 
+    def attention_backend(self, device: torch.device) -> str:
+        """cfg.attention_backend with "auto" resolved for tensors on `device`."""
+        backend = self.cfg.attention_backend
+        if backend == "auto":
+            # No data-dependent check for "is there any padding": it would sync the GPU every step
+            # and break a whole-model fullgraph compile; a padding-free batch only gives full
+            # blocks, on which flex skips the mask_mod.
+            return "flex" if device.type == "cuda" else "sdpa"
+        return backend
+
     def _masks(self, text_mask: torch.Tensor | None, image_tokens: int):
-        """Boolean SDPA masks (True = may attend) for the text self-attention and the image blocks."""
+        """Masks for the text self-attention and the image blocks: None when nothing is masked (plain
+        SDPA, flash on GPU), else boolean SDPA masks (True = may attend) or FlexAttention BlockMasks
+        with the same meaning, per `attention_backend`."""
         if text_mask is None or not self.cfg.mask_text_padding:
             return None, None
+        if self.attention_backend(text_mask.device) == "flex":
+            return flex_block_masks(text_mask, image_tokens)
         batch, text_len = text_mask.shape
         # A padded text query may still attend to itself: a row of all-masked keys would give NaN,
         # and padded rows only ever feed keys that the image blocks mask out.

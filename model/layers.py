@@ -1,11 +1,13 @@
 """Layers shared by the DiT's text-refine and image blocks: RMSNorm, 2D RoPE, SwiGLU, the AdaLN block."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 class RMSNorm(nn.Module):
@@ -85,6 +87,28 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_sinusoid(t, self.freq_dim, self.max_period).to(weight_dtype))
 
 
+@functools.cache
+def _compiled_flex_attention():
+    # flex_attention is fused only when torch.compile traces it; called eagerly it materialises the
+    # full score matrix. dynamic=False: shapes change only with resolution or text length.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q, k, v, mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+    """Attention over (B, heads, tokens, head_dim) q/k/v; the mask's type picks the kernel.
+
+    None: plain SDPA (flash on GPU). Boolean tensor (True = may attend): SDPA with that mask, which
+    rules out flash. BlockMask: FlexAttention, whose fused kernel keeps flash-like speed with padding.
+    """
+    if isinstance(mask, BlockMask):
+        if q.is_cuda and not torch.compiler.is_compiling():
+            # Uncompiled blocks on a GPU: use the fused kernel anyway. Inside a compiled block
+            # (engine.compile, fullgraph) this branch is traced away and Dynamo fuses the call itself.
+            return _compiled_flex_attention()(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class AdaLNBlock(nn.Module):
     """Pre-norm transformer block with six-way AdaLN from the time embedding.
 
@@ -120,9 +144,8 @@ class AdaLNBlock(nn.Module):
             text_k, text_v = self.text_kv(text).unflatten(-1, (2, self.heads, -1)).unbind(dim=2)
             k = torch.cat([k, self.k_norm(text_k)], dim=1)
             v = torch.cat([v, text_v], dim=1)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        )
+        # attn_mask: None, a boolean SDPA mask or a FlexAttention BlockMask, built once per forward by DiT.
+        attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         x = x + gate_a * self.attn_out(attn.transpose(1, 2).reshape(batch, tokens, hidden))
         x = x + gate_m * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
         return x

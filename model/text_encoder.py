@@ -235,7 +235,11 @@ class TextEncoder(nn.Module):
         # Qwen3Model.forward ends with `hidden_states = self.norm(hidden_states)` before returning
         # last_hidden_state (transformers 4.57 modeling_qwen3.py), so this is the final-normed state
         # of spec §9 for "causal_lm"; for "encoder" it is the encoder's output.
-        hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        # The encoder computes in its own configured dtype, never in a surrounding autocast's: the
+        # features of a prompt (and the cached empty prompt) must not depend on whether they were
+        # first asked for by a bf16 training step, a sampler, or a fp32 tool.
+        with torch.autocast(self.device.type, enabled=False):
+            hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         # masked_fill, not multiplication: fully padded rows may hold NaN from softmax over nothing.
         features = hidden.float().masked_fill(~mask.unsqueeze(-1), 0.0)
         return features, mask
