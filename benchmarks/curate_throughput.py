@@ -64,7 +64,7 @@ class PeakMemory:
 
 
 def run_once(source: str, work: Path, label: str, overrides: list[str], children: bool) -> dict:
-    from deco.pipeline.curate import curate, load_curate_config
+    from deco.pipeline.curate.job import curate, load_curate_config
 
     output = work / label
     shutil.rmtree(output, ignore_errors=True)

@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from deco.data.synthetic import ground_truth, make_scene
-from deco.pipeline.geneval.detectors import DetectorConfig, build_detector
-from deco.pipeline.geneval.layout import read_layout, write_prompt_folder
-from deco.pipeline.geneval.score import score_images
+from deco.pipeline.evaluate.geneval.detectors import DetectorConfig, build_detector
+from deco.pipeline.evaluate.geneval.layout import read_layout, write_prompt_folder
+from deco.pipeline.evaluate.geneval.score import score_images
 
 ROOT = Path(__file__).resolve().parents[1]
 GENEVAL_IMAGES = 2212
@@ -77,9 +77,9 @@ def demo_gate(workdir: Path) -> dict:
     from deco.model.config import ModelConfig
     from deco.model.text_encoder import TextEncoderConfig
     from deco.pipeline.config import load_config
-    from deco.pipeline.gate_config import load_gate_config
-    from deco.pipeline.geneval.generate import generate_layout
-    from deco.pipeline.geneval.prompts import resolve_prompts
+    from deco.pipeline.evaluate.gate_config import load_gate_config
+    from deco.pipeline.evaluate.geneval.generate import generate_layout
+    from deco.pipeline.evaluate.geneval.prompts import resolve_prompts
     from deco.pipeline.weights import save_weights
 
     torch.manual_seed(0)
@@ -108,9 +108,9 @@ def _sync(device: str) -> None:
 def hf_backend(images: int, workdir: Path, device: str, clip_batch: int = 64) -> dict:
     from transformers import CLIPConfig, CLIPModel, Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-    from deco.pipeline.geneval.detectors.base import HFDetectorConfig
-    from deco.pipeline.geneval.detectors.hf import HFDetector
-    from deco.pipeline.geneval.prompts import object_names
+    from deco.pipeline.evaluate.geneval.detectors.base import HFDetectorConfig
+    from deco.pipeline.evaluate.geneval.detectors.hf import HFDetector
+    from deco.pipeline.evaluate.geneval.prompts import object_names
 
     names = object_names()
     swin = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7,

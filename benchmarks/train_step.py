@@ -1,10 +1,13 @@
 """Training step under DeepSpeed ZeRO-3 (our parallelize + EMA + objective), JSON out.
 
 CPU (always): the tiny config's optimizer step on the same fixed batches (same images, text
-features, times and noise) three ways: a plain torch loop (AdamW, clip 1.0) in one process, ZeRO-3
-on 1 rank, and ZeRO-3 on 2 ranks (each half of the batch). `zero3_vs_plain` is the engine's
-overhead as a ratio of step times. A fourth run adds the streaming loader (2 ranks, synthetic MDS
-shards with cached text embeddings) and reports the share of step time spent waiting for data.
+features, times and noise): a plain torch loop (AdamW, clip 1.0) in one process, the baseline; then
+ZeRO-3 + EMA on 1 and 2 ranks (each half of the batch) with the engine as it was (one gather per
+Linear/RMSNorm: `per_module`) and as it is (one gather per transformer block: `per_block`), at
+persistence threshold 0 and at the production 100,000, and compiled per block (1 rank). Each
+`*_vs_plain` is a ratio of median step times (lower is better; 1.0 = no overhead); compile time is
+reported apart. A last run adds the streaming loader (2 ranks, synthetic MDS shards with cached
+text embeddings) and reports the share of step time spent waiting for data.
 
 GPU (when CUDA is present; not run on the CPU-only development machine): t2i_xxl16 through that
 same full step (streaming loader, ZeRO-3 in bf16 with DeepSpeed's FusedAdam, REPA against a
@@ -78,20 +81,20 @@ def plain_loop(batch: int, steps: int, warmup: int) -> dict:
     return {"variant": "plain torch loop", "ranks": 1, "step_ms": _ms(times[warmup:]), "threads": torch.get_num_threads()}
 
 
-def zero3_worker(batch: int, steps: int, warmup: int, out: str) -> None:
+def zero3_worker(batch: int, steps: int, warmup: int, out: str, engine_json: str) -> None:
     """One rank of the ZeRO-3 variant (started by spawn_local): its share of the same batches."""
     import torch.distributed as dist
 
     from deco.model.objective import ObjectiveConfig, training_loss
     from deco.orchestration.launch import joined_world
-    from deco.orchestration.parallelize import (EngineConfig, OptimizerConfig, build_model, build_optimizer,
+    from deco.orchestration.zero3.engine import (EngineConfig, OptimizerConfig, build_model, build_optimizer,
                                                 deepspeed_config, init_distributed, parallelize)
-    from deco.pipeline.ema import ShardedEma
+    from deco.orchestration.zero3.ema import EmaConfig, ShardedEma
 
     world = joined_world()
     device = torch.device("cpu")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    engine_cfg = EngineConfig(precision="fp32", param_persistence_threshold=0)
+    engine_cfg = EngineConfig(precision="fp32", **json.loads(engine_json))
     init_distributed(engine_cfg, device)
     cfg = tiny_config()
     batches = fixed_batches(cfg, batch, steps + warmup)
@@ -100,31 +103,33 @@ def zero3_worker(batch: int, steps: int, warmup: int, out: str) -> None:
     torch.manual_seed(0)
     model = build_model(cfg, ds_config, engine_cfg)
     engine = parallelize(model, build_optimizer(model.parameters(), OptimizerConfig(lr=1e-3), device), ds_config, engine_cfg)
-    ema = ShardedEma(engine, 0.9999, world.rank, world.world_size)
+    ema = ShardedEma(engine, EmaConfig(decay=0.9999), world.rank, world.world_size)
     objective = ObjectiveConfig(time_shift=1.0)
     times = []
     lo, hi = world.rank * share, (world.rank + 1) * share
+    first_step_s = None
     for images, text, mask, t, noise in batches:
         dist.barrier()
         start = time.perf_counter()
         loss = training_loss(engine, images[lo:hi], text[lo:hi], mask[lo:hi], objective, t=t[lo:hi], noise=noise[lo:hi])["loss"]
         engine.backward(loss)
         engine.step()
-        ema.update()
+        ema.update(len(times) + 1)
         times.append(time.perf_counter() - start)
     if world.rank == 0:
         Path(out).write_text(json.dumps({"variant": "ZeRO-3 + EMA", "ranks": world.world_size,
-                                         "step_ms": _ms(times[warmup:]), "threads": torch.get_num_threads()}))
+                                         "engine": json.loads(engine_json), "step_ms": _ms(times[warmup:]),
+                                         "first_step_s": round(times[0], 2), "threads": torch.get_num_threads()}))
     dist.destroy_process_group()
 
 
-def zero3(nproc: int, batch: int, steps: int, warmup: int) -> dict:
+def zero3(nproc: int, batch: int, steps: int, warmup: int, **engine) -> dict:
     from deco.orchestration.launch import spawn_local
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         code = spawn_local(nproc, [sys.executable, __file__, "--worker", str(out), "--batch", str(batch),
-                                   "--steps", str(steps), "--warmup", str(warmup)])
+                                   "--steps", str(steps), "--warmup", str(warmup), "--engine", json.dumps(engine)])
         if code != 0:
             raise RuntimeError(f"ZeRO-3 worker on {nproc} ranks failed with exit code {code}")
         return json.loads(out.read_text())
@@ -179,11 +184,11 @@ def loader_worker(name: str, resolution: int, batch: int, steps: int, warmup: in
     from deco.model.objective import ObjectiveConfig, training_loss
     from deco.model.repa import RepaTeacher
     from deco.orchestration.launch import joined_world
-    from deco.orchestration.parallelize import (EngineConfig, OptimizerConfig, build_model, build_optimizer,
+    from deco.orchestration.zero3.engine import (EngineConfig, OptimizerConfig, build_model, build_optimizer,
                                                 deepspeed_config, device_for, frozen, init_distributed, parallelize,
                                                 resolve_precision)
-    from deco.pipeline.ema import ShardedEma
-    from deco.pipeline.metrics import peak_flops
+    from deco.orchestration.zero3.ema import EmaConfig, ShardedEma
+    from deco.pipeline.train.metrics import peak_flops
 
     world = joined_world()
     device = device_for(world.local_rank)
@@ -195,7 +200,7 @@ def loader_worker(name: str, resolution: int, batch: int, steps: int, warmup: in
     ds_config = deepspeed_config(engine_cfg, batch, precision)
     model = build_model(cfg, ds_config, engine_cfg)
     engine = parallelize(model, build_optimizer(model.parameters(), OptimizerConfig(), device), ds_config, engine_cfg)
-    ema = ShardedEma(engine, 0.9999, world.rank, world.world_size)
+    ema = ShardedEma(engine, EmaConfig(decay=0.9999), world.rank, world.world_size)
     teacher = None
     if cfg.repa.enabled:  # DINOv2-B's shape with random weights: the real teacher's cost, no download
         dinov2 = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=cfg.repa.teacher_dim))
@@ -221,7 +226,7 @@ def loader_worker(name: str, resolution: int, batch: int, steps: int, warmup: in
             loss = training_loss(engine, images, text, mask, objective, teacher=repa)["loss"]
         engine.backward(loss)
         engine.step()
-        ema.update()
+        ema.update(step + 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
@@ -283,22 +288,35 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--loader-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return zero3_worker(args.batch, args.steps, args.warmup, args.worker)
+        return zero3_worker(args.batch, args.steps, args.warmup, args.worker, args.engine)
     if args.loader_worker:
         return loader_worker(args.model, args.resolution, args.batch, args.steps, args.warmup, args.compiled,
                              args.loader_worker)
 
     plain = plain_loop(args.batch, args.steps, args.warmup)
-    one, two = zero3(1, args.batch, args.steps, args.warmup), zero3(2, args.batch, args.steps, args.warmup)
+    variants = {
+        "1rank_per_module_t0": (1, dict(gather_per_block=False, param_persistence_threshold=0)),
+        "1rank_per_block_t0": (1, dict(gather_per_block=True, param_persistence_threshold=0)),
+        "1rank_per_block_t100k": (1, dict(gather_per_block=True, param_persistence_threshold=100_000)),
+        "1rank_per_block_t100k_compiled": (1, dict(gather_per_block=True, param_persistence_threshold=100_000,
+                                                   compile=True)),
+        "2ranks_per_module_t0": (2, dict(gather_per_block=False, param_persistence_threshold=0)),
+        "2ranks_per_block_t0": (2, dict(gather_per_block=True, param_persistence_threshold=0)),
+        "2ranks_per_block_t100k": (2, dict(gather_per_block=True, param_persistence_threshold=100_000)),
+    }
+    runs = {name: zero3(nproc, args.batch, args.steps, args.warmup, **engine) for name, (nproc, engine) in variants.items()}
     streamed = loader_run("tiny", 32, args.batch // 2, 2, args.steps, args.warmup, compiled=False)
     results = {
         "cpu": {"model": "tiny", "resolution": 32, "global_batch": args.batch, "steps_timed": args.steps,
-                "runs": [plain, one, two, streamed],
-                "zero3_vs_plain": round(one["step_ms"] / plain["step_ms"], 3),
-                "zero3_2ranks_vs_plain": round(two["step_ms"] / plain["step_ms"], 3)},
+                "plain": plain, "zero3": runs, "streamed": streamed,
+                **{f"{name}_vs_plain": round(run["step_ms"] / plain["step_ms"], 3) for name, run in runs.items()},
+                "compiled_vs_eager_1rank": round(runs["1rank_per_block_t100k_compiled"]["step_ms"]
+                                                 / runs["1rank_per_block_t100k"]["step_ms"], 3),
+                "compile_first_step_s": runs["1rank_per_block_t100k_compiled"]["first_step_s"]},
         "gpu": gpu_runs(args.steps) if torch.cuda.is_available() else "no CUDA device here: GPU path not run",
         "torch": torch.__version__,
     }

@@ -140,7 +140,9 @@ def cache_dir_for(cache_root: str | Path, uri: str, index: int, name: str) -> st
 class TrainLoader:
     """Endless iterator of batches over epochs, with streaming's exact-resume state."""
 
-    def __init__(self, cfg: DataConfig, resolution: int, batch_size: int, cache_root: str | Path):
+    def __init__(self, cfg: DataConfig, resolution: int, batch_size: int, cache_root: str | Path,
+                 pin_memory: bool = False):
+        """`pin_memory`: batches in page-locked memory, so the copy to a GPU can be asynchronous."""
         from streaming import Stream, StreamingDataLoader
 
         self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
@@ -162,7 +164,7 @@ class TrainLoader:
             download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
         )
         loader_kwargs = {"num_workers": cfg.num_workers, "collate_fn": collate, "drop_last": True,
-                         "batch_size": batch_size}
+                         "batch_size": batch_size, "pin_memory": pin_memory}
         if cfg.num_workers > 0:
             loader_kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=True)
         # drop_last: every rank gets the same number of full batches, so no rank waits on a collective

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deco.pipeline.staged import PipelineRunner, StageBlocked, format_status, load_pipeline
+from deco.pipeline.stages import PipelineRunner, StageBlocked, format_status, load_pipeline
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_PIPELINE = CONFIG_DIR / "pipelines" / "demo.yaml"
@@ -61,7 +61,7 @@ def untrained_baseline(runner: PipelineRunner, stage) -> dict:
     """GenEval summary of an untrained model of `stage` under the stage's own gate config."""
     from deco.model.text_encoder import TextEncoderConfig
     from deco.pipeline.config import load_config
-    from deco.pipeline.train_config import TrainConfig
+    from deco.pipeline.train.config import TrainConfig
     from deco.pipeline.weights import save_weights
 
     work = runner.stage_work(stage) / "untrained_baseline"
@@ -99,9 +99,9 @@ def _accuracy(value) -> float:
 
 
 def summary_table(runner: PipelineRunner, baseline: dict | None, baseline_stage: str) -> tuple[str, dict]:
-    from deco.pipeline.checkpoint_manifest import list_checkpoints
-    from deco.pipeline.gate import read_promoted, read_verdict
-    from deco.pipeline.geneval.prompts import TASKS
+    from deco.pipeline.train.manifest import list_checkpoints
+    from deco.pipeline.evaluate.gate import read_promoted, read_verdict
+    from deco.pipeline.evaluate.geneval.prompts import TASKS
 
     header = f"{'stage':<10} {'steps':>5} {'loss first->last':>17} {'overall':>8} " + " ".join(f"{t[:9]:>9}" for t in TASKS)
     lines, data = [header], {"stages": {}, "baseline_stage": baseline_stage}

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from deco.data.object_store import join, open_store
-from deco.pipeline.checkpoint_manifest import list_checkpoints
+from deco.pipeline.train.manifest import list_checkpoints
 from deco.pipeline.config import ConfigError, load_tree, apply_overrides, from_dict
-from deco.pipeline.staged_config import PipelineConfig, StageConfig
+from deco.pipeline.stages_config import PipelineConfig, StageConfig
 
 log = logging.getLogger(__name__)
 RECORDS = "_pipeline"
@@ -135,7 +135,7 @@ class PipelineRunner:
 
     def _check_ready(self, stage: StageConfig) -> None:
         """Raise StageBlocked before a stage starts when an earlier stage did not give what it needs."""
-        from deco.pipeline.gate import promoted_checkpoint, read_verdict
+        from deco.pipeline.evaluate.gate import promoted_checkpoint, read_verdict
 
         if stage.kind != "train" or not stage.init_from:
             return
@@ -149,8 +149,8 @@ class PipelineRunner:
 
     def _init_weights(self, stage: StageConfig) -> str:
         """EMA weights of the `init_from` stage's promoted checkpoint, exported once for this stage."""
-        from deco.pipeline.export import export_checkpoint
-        from deco.pipeline.gate import promoted_checkpoint
+        from deco.pipeline.train.export import export_checkpoint
+        from deco.pipeline.evaluate.gate import promoted_checkpoint
 
         previous = self.cfg.stage(stage.init_from)
         ref = promoted_checkpoint(self.stage_uri(previous))
@@ -162,7 +162,7 @@ class PipelineRunner:
         return str(path)
 
     def _run_train(self, stage: StageConfig) -> dict:
-        from deco.pipeline.gate import read_promoted
+        from deco.pipeline.evaluate.gate import read_promoted
 
         data = self.stage_uri(self.cfg.stage(stage.data_from))
         out = self.stage_uri(stage)
@@ -191,7 +191,7 @@ class PipelineRunner:
     # ---- status -----------------------------------------------------------------------------
     def status(self) -> list[dict]:
         """Each stage's state, checkpoints with gate verdicts, and promoted checkpoint."""
-        from deco.pipeline.gate import read_promoted, read_verdict
+        from deco.pipeline.evaluate.gate import read_promoted, read_verdict
 
         rows, blocked_by = [], None
         for stage in self.cfg.stages:

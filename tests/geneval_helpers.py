@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from deco.data.checksum import file_checksum
 from deco.data.object_store import join, open_store
 from deco.data.synthetic import make_scene
 from deco.model.config import ModelConfig
 from deco.model.text_encoder import TextEncoderConfig
-from deco.pipeline.checkpoint_manifest import Manifest, step_dir, write_manifest
+from deco.pipeline.train.manifest import Manifest, step_dir, write_manifest
 from deco.pipeline.config import load_config
-from deco.pipeline.geneval.layout import write_prompt_folder
+from deco.pipeline.evaluate.geneval.layout import write_prompt_folder
 from deco.pipeline.weights import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +39,12 @@ def write_checkpoint(stage_uri: str, step: int, weights: Path, manifest: bool = 
     store = open_store(uri)
     store.put_file("weights.safetensors", weights)
     files = {"weights.safetensors": weights.stat().st_size}
+    checksums = {"weights.safetensors": file_checksum(weights)}
     if missing_file:
         files["model/shard_0.pt"] = 123  # listed, never written: a corrupt checkpoint
+        checksums["model/shard_0.pt"] = "xxh3_128:0"
     if manifest:
-        write_manifest(uri, Manifest(step=step, world_size=1, files=files))
+        write_manifest(uri, Manifest(step=step, world_size=1, files=files, checksums=checksums))
     return uri
 
 

@@ -18,7 +18,7 @@ from deco.data.shards import read_table
 from deco.data.synthetic_faults import read_truth, write_synthetic_dataset
 from deco.orchestration.ray_cluster import RayConfig, ray_cluster
 from deco.pipeline.config import ConfigError
-from deco.pipeline.curate import curate, load_curate_config
+from deco.pipeline.curate.job import curate, load_curate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "data" / "curate_demo.yaml")

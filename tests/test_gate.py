@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from deco.data.object_store import join, open_store
-from deco.pipeline.gate import VERDICT, decide, evaluate_checkpoint, promoted_checkpoint, read_promoted
-from deco.pipeline.gate_config import Thresholds, load_gate_config
-from deco.pipeline.geneval.prompts import prompts_digest, resolve_prompts
+from deco.pipeline.evaluate.gate import VERDICT, decide, evaluate_checkpoint, promoted_checkpoint, read_promoted
+from deco.pipeline.evaluate.gate_config import Thresholds, load_gate_config
+from deco.pipeline.evaluate.geneval.prompts import prompts_digest, resolve_prompts
 from geneval_helpers import FAST_GATE, read_store_json, tiny_weights, write_checkpoint
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -66,7 +66,7 @@ def test_bad_thresholds_are_config_errors():
 
 
 def test_gate_config_round_trips_for_the_ranks_it_launches(tmp_path):
-    from deco.pipeline.gate_config import dump_gate_config
+    from deco.pipeline.evaluate.gate_config import dump_gate_config
 
     for name in ("demo_64", "t2i_finetune"):
         cfg = load_gate_config(name, ["generation.nproc=8", "thresholds.max_regression=null"])

@@ -11,10 +11,11 @@ import time
 import pytest
 
 from deco.data.object_store import open_store
-from deco.orchestration.gate_watcher import CLAIMS, GateWatcher
-from deco.pipeline.checkpoint_manifest import CheckpointRef, Manifest, write_manifest
-from deco.pipeline.gate import VERDICT, create_exclusive, read_promoted, work_dir
-from deco.pipeline.gate_config import load_gate_config
+from deco.pipeline.evaluate.watcher import CLAIMS, GateWatcher
+from deco.data.checksum import file_checksum
+from deco.pipeline.train.manifest import CheckpointRef, Manifest, write_manifest
+from deco.pipeline.evaluate.gate import VERDICT, create_exclusive, read_promoted, work_dir
+from deco.pipeline.evaluate.gate_config import load_gate_config
 from geneval_helpers import FAST_GATE, ROOT, read_store_json, tiny_weights, write_checkpoint
 
 
@@ -64,7 +65,8 @@ def test_watcher_killed_mid_evaluation_and_restarted_gates_each_checkpoint_once(
 
     # Meanwhile the trainer finishes step 30, and a corrupt 40 and an unfinished 50 appear.
     write_manifest(f"{stage}/checkpoints/step_00000030",
-                   Manifest(step=30, world_size=1, files={"weights.safetensors": weights.stat().st_size}))
+                   Manifest(step=30, world_size=1, files={"weights.safetensors": weights.stat().st_size},
+                            checksums={"weights.safetensors": file_checksum(weights)}))
     write_checkpoint(stage, 40, weights, missing_file=True)
     write_checkpoint(stage, 50, weights, manifest=False)
     restarted = subprocess.run(command + ["--once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

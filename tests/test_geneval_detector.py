@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from deco.data.synthetic import BACKGROUNDS, COLORS, SHAPES, DrawnObject, make_scene, render
-from deco.pipeline.geneval.detectors import DetectorConfig, build_detector
-from deco.pipeline.geneval.rules import COUNTING_SCORE_THRESHOLD, evaluate_image
+from deco.pipeline.evaluate.geneval.detectors import DetectorConfig, build_detector
+from deco.pipeline.evaluate.geneval.rules import COUNTING_SCORE_THRESHOLD, evaluate_image
 
 SCENES_PER_SIZE = {32: 80, 64: 80, 128: 50, 256: 30}
 

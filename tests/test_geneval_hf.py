@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.detections import Detection
-from deco.pipeline.geneval.detectors import DetectorConfig, HFDetectorConfig, build_detector
-from deco.pipeline.geneval.detectors.clip_color import GREY, TEMPLATES, ClipColorClassifier, masked_crop
-from deco.pipeline.geneval.detectors.hf import geneval_label_map, resized_shape
-from deco.pipeline.geneval.detectors.mmdet import convert_mmdet_result
-from deco.pipeline.geneval.layout import write_prompt_folder
-from deco.pipeline.geneval.prompts import COLORS, object_names
-from deco.pipeline.geneval.score import read_results
+from deco.pipeline.evaluate.geneval.detections import Detection
+from deco.pipeline.evaluate.geneval.detectors import DetectorConfig, HFDetectorConfig, build_detector
+from deco.pipeline.evaluate.geneval.detectors.clip_color import GREY, TEMPLATES, ClipColorClassifier, masked_crop
+from deco.pipeline.evaluate.geneval.detectors.hf import geneval_label_map, resized_shape
+from deco.pipeline.evaluate.geneval.detectors.mmdet import convert_mmdet_result
+from deco.pipeline.evaluate.geneval.layout import write_prompt_folder
+from deco.pipeline.evaluate.geneval.prompts import COLORS, object_names
+from deco.pipeline.evaluate.geneval.score import read_results
 from geneval_helpers import run_deco
 
 # Detectron2 / hub checkpoints spell a few COCO classes differently from GenEval.

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.generate import GenerationConfig, generate_layout
-from deco.pipeline.geneval.layout import read_layout, write_prompt_folder
-from deco.pipeline.geneval.prompts import (TASKS, load_prompts, object_names, official_prompts, parse_prompts,
+from deco.pipeline.evaluate.geneval.generate import GenerationConfig, generate_layout
+from deco.pipeline.evaluate.geneval.layout import read_layout, write_prompt_folder
+from deco.pipeline.evaluate.geneval.prompts import (TASKS, load_prompts, object_names, official_prompts, parse_prompts,
                                            prompts_digest)
-from deco.pipeline.geneval.synthetic_prompts import synthetic_prompts, write_synthetic_prompts
+from deco.pipeline.evaluate.geneval.synthetic_prompts import synthetic_prompts, write_synthetic_prompts
 from geneval_helpers import ROOT, tiny_weights
 
 

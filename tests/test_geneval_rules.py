@@ -3,8 +3,8 @@ exclude clauses, colours (through an injected colour classifier) and the positio
 import numpy as np
 import pytest
 
-from deco.pipeline.geneval.detections import Detection, decode_rle, encode_rle, mask_to_box
-from deco.pipeline.geneval.rules import evaluate_image, keep, relations
+from deco.pipeline.evaluate.geneval.detections import Detection, decode_rle, encode_rle, mask_to_box
+from deco.pipeline.evaluate.geneval.rules import evaluate_image, keep, relations
 
 
 def box(cx, cy, w=100, h=100):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deco.pipeline.geneval.detections import Detection, write_detections
-from deco.pipeline.geneval.layout import write_prompt_folder
-from deco.pipeline.geneval.score import read_results
-from deco.pipeline.geneval.summary import format_summary, summarize
+from deco.pipeline.evaluate.geneval.detections import Detection, write_detections
+from deco.pipeline.evaluate.geneval.layout import write_prompt_folder
+from deco.pipeline.evaluate.geneval.score import read_results
+from deco.pipeline.evaluate.geneval.summary import format_summary, summarize
 from geneval_helpers import run_deco, scene_layout
 
 OFFICIAL_FIELDS = {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}

@@ -83,7 +83,7 @@ def interrupted_then_finished(tmp_path_factory):
 
 def test_pipeline_runs_two_stages_end_to_end(interrupted_then_finished):
     tmp, path, _, _ = interrupted_then_finished
-    from deco.pipeline.gate import read_promoted
+    from deco.pipeline.evaluate.gate import read_promoted
 
     for stage in ("synth", "curated", "stage_32", "stage_64"):
         assert record(tmp, stage)["status"] == "done"
@@ -125,7 +125,7 @@ def test_stage_without_promoted_checkpoint_refuses_to_start(interrupted_then_fin
 
 def test_pipeline_config_errors_name_the_problem(tmp_path):
     from deco.pipeline.config import ConfigError
-    from deco.pipeline.staged import load_pipeline
+    from deco.pipeline.stages import load_pipeline
 
     bad = pipeline_file(tmp_path, "bad", train_stage("stage_a", 32, 2, init_from="nowhere"))
     with pytest.raises(ConfigError, match="refers to 'curated', which is not an earlier stage"):

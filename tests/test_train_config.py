@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from deco.orchestration.launch import read_hostfile
-from deco.orchestration.parallelize import (EngineConfig, OptimizerConfig, deepspeed_config, partition_numel,
-                                            partition_of, resolve_precision)
-from deco.pipeline.checkpoint import resolve_resume
-from deco.pipeline.checkpoint_manifest import CheckpointError
+from deco.orchestration.zero3.engine import EngineConfig, OptimizerConfig, deepspeed_config, resolve_precision
+from deco.orchestration.zero3.partitions import partition_numel, partition_of
+from deco.pipeline.train.checkpoint import resolve_resume
+from deco.pipeline.train.manifest import CheckpointError
 from deco.pipeline.cli import main
 from deco.pipeline.config import ConfigError
-from deco.pipeline.train_config import load_train_config
+from deco.pipeline.train.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "train"
@@ -95,7 +95,7 @@ def test_zero3_partitions_cover_a_tensor_exactly_once(numel, world):
 
 
 def test_resume_names_a_complete_checkpoint_or_fails_clearly(tmp_path):
-    assert resolve_resume("", str(tmp_path)) is None and resolve_resume("auto", str(tmp_path)) is None
+    assert resolve_resume("", str(tmp_path)) == [] and resolve_resume("auto", str(tmp_path)) == []
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoints" / "step_00000004"), str(tmp_path))
 
@@ -137,7 +137,7 @@ def test_launch_rejects_a_bad_hostfile(tmp_path, capsys):
 
 
 def test_train_config_round_trips_through_the_checkpoint_yaml():
-    from deco.pipeline.train_config import train_config_from_yaml
+    from deco.pipeline.train.config import train_config_from_yaml
 
     cfg = load_train_config(TRAIN / "t2i_512.yaml")
     again = train_config_from_yaml(cfg.to_yaml(), "test")

@@ -8,6 +8,7 @@ import transformers
 from deco.data.object_store import open_store
 from deco.model.config import ModelConfig
 from deco.model.text_encoder import TextEncoderConfig
+from deco.orchestration.zero3.ema import EmaConfig
 from deco.pipeline.config import load_config
 from deco.pipeline.weights import load_weights, save_weights
 
@@ -68,18 +69,21 @@ def test_a_stage_starts_from_the_previous_stages_weights_and_keeps_an_ema(stage_
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["repa"] > 0 for m in metrics)
     ckpt = {s: checkpoint_tensors(str(tmp_path / "checkpoints" / f"step_{s:08d}"), tmp_path) for s in (1, 2, 3)}
     init, _ = load_weights(stage_weights)
-    # EMA(1) = 0.5 w0 + 0.5 w1, so the step-0 weights the run started from are 2 EMA(1) - w1: they
-    # are the previous stage's 16 px weights, now on a 4 x 4 token grid (RoPE positions are computed
-    # per grid).
+    # The EMA's decay warms up: d_s = min(0.5, (1 + s) / (10 + s)). EMA(1) = d_1 w0 + (1 - d_1) w1,
+    # so the step-0 weights the run started from are (EMA(1) - (1 - d_1) w1) / d_1: they are the
+    # previous stage's 16 px weights, now on a 4 x 4 token grid (RoPE positions are computed per grid).
+    decay = EmaConfig(decay=0.5).decay_at
+    assert [decay(s) for s in (1, 2, 3)] == [2 / 11, 3 / 12, 4 / 13]
     for name, tensor in init.generator_state_dict().items():
-        started = 2 * ckpt[1]["ema"][name] - ckpt[1]["weights"][name]
-        torch.testing.assert_close(started, tensor, rtol=0, atol=1e-6, msg=name)
+        started = (ckpt[1]["ema"][name] - (1 - decay(1)) * ckpt[1]["weights"][name]) / decay(1)
+        torch.testing.assert_close(started, tensor, rtol=0, atol=1e-5, msg=name)
     # The REPA projector the previous stage did not have was created fresh and trains.
     assert "repa_projector.0.weight" in ckpt[3]["weights"]
     assert not torch.equal(ckpt[3]["weights"]["repa_projector.0.weight"], ckpt[1]["weights"]["repa_projector.0.weight"])
-    # The sharded EMA follows ema = d ema + (1 - d) w after every optimizer step.
+    # The sharded EMA follows ema = d_s ema + (1 - d_s) w after every optimizer step s.
     for name, ema_3 in ckpt[3]["ema"].items():
-        expected = 0.25 * ckpt[1]["ema"][name] + 0.25 * ckpt[2]["weights"][name] + 0.5 * ckpt[3]["weights"][name]
+        ema_2 = decay(2) * ckpt[1]["ema"][name] + (1 - decay(2)) * ckpt[2]["weights"][name]
+        expected = decay(3) * ema_2 + (1 - decay(3)) * ckpt[3]["weights"][name]
         torch.testing.assert_close(ema_3, expected, rtol=0, atol=1e-6, msg=name)
     assert ckpt[3]["adam_step"]["state"]["step"].item() == 3  # the optimizer started fresh at step 1
 
@@ -97,4 +101,4 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(stage_weights, data_32,
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(m["step"], m["skipped_nonfinite"], m["loss"], m["nonfinite_steps"]) for m in metrics] == \
         [(1, True, None, 1), (2, True, None, 2), (3, True, None, 3)]
-    assert not (tmp_path / "checkpoints").exists()  # nothing non-finite is ever saved
+    assert not list((tmp_path / "checkpoints").glob("step_*"))  # nothing non-finite is ever saved

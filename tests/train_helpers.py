@@ -101,18 +101,10 @@ def local_checkpoint(uri: str, into: Path) -> Path:
 
 def checkpoint_tensors(uri: str, into: Path) -> dict:
     """Full fp32 weights, Adam moments, Adam step and EMA of a checkpoint, by parameter name."""
-    from deco.orchestration.parallelize import ZeroCheckpointReader
-    from deco.pipeline.checkpoint_manifest import read_manifest
-    from deco.pipeline.ema import ShardedEma
+    from deco.orchestration.zero3.state import full_state
+    from deco.pipeline.train.manifest import read_manifest
 
     manifest = read_manifest(uri)
     root = local_checkpoint(uri, into)
-    reader = ZeroCheckpointReader(root / "deepspeed", manifest.world_size)
-    tensors = {"world_size": manifest.world_size, "step": manifest.step,
-               "adam_step": reader.step_state, "weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
-    for name, parts in reader:
-        tensors["weights"][name] = parts["fp32"]
-        tensors["exp_avg"][name] = parts["exp_avg"]
-        tensors["exp_avg_sq"][name] = parts["exp_avg_sq"]
-    tensors["ema"] = ShardedEma.read_full(sorted((root / "ema").glob("*.safetensors")))
-    return tensors
+    tensors = full_state(root, manifest.files, manifest.world_size, moments=True, ema=True)
+    return {"world_size": manifest.world_size, "step": manifest.step, **tensors}

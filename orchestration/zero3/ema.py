@@ -1,9 +1,14 @@
 """EMA of the weights, sharded like the parameters: each rank keeps the EMA of its own ZeRO-3
 partitions (fp32), never a full copy. Saved per rank with the checkpoint; a full EMA is assembled
 only offline (export) or when a checkpoint of another world size is restored.
+
+The decay warms up: at optimizer step s the EMA moves by 1 - min(decay, (1 + s) / (10 + s)), so
+the EMA of a short run follows the weights instead of staying at the initialisation (with 0.9999
+and no warm-up, 1,000 steps move it 10% of the way).
 """
 from __future__ import annotations
 
+import errno
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,22 +18,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deco.orchestration.parallelize import local_fp32, partition_numel, partition_of, trainable
+from deco.data.checksum import DiskFullError
+
+from deco.orchestration.zero3.partitions import (is_persistent, local_fp32, partition_numel, partition_of,
+                                                 refresh_persistent, trainable)
 
 
 @dataclass(kw_only=True)
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999          # the paper: 0.9999, updated every optimizer step
+    warmup: bool = True            # decay at step s: min(decay, (1 + s) / (10 + s))
 
     def validate(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay={self.decay} must be in [0, 1)")
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied after optimizer step `step` (1-based)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
 
 class ShardedEma:
-    def __init__(self, engine, decay: float, rank: int, world_size: int):
-        self.decay, self.rank, self.world_size = decay, rank, world_size
+    def __init__(self, engine, cfg: EmaConfig, rank: int, world_size: int):
+        self.engine, self.cfg, self.rank, self.world_size = engine, cfg, rank, world_size
         self.params = trainable(engine)
         self.names = [name for name, _ in self.params]
         views = [local_fp32(p) for _, p in self.params]
@@ -41,8 +56,9 @@ class ShardedEma:
         return self._views if self._views is not None else [local_fp32(p) for _, p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [s.float() for s in self._sources()], 1.0 - self.decay)
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (1-based)."""
+        torch._foreach_lerp_(self.shadow, [s.float() for s in self._sources()], 1.0 - self.cfg.decay_at(step))
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -50,10 +66,15 @@ class ShardedEma:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         shapes = {name: list(p.ds_shape) for name, p in self.params}
-        metadata = {"rank": str(self.rank), "world_size": str(self.world_size), "decay": str(self.decay),
+        metadata = {"rank": str(self.rank), "world_size": str(self.world_size), "decay": str(self.cfg.decay),
                     "shapes": json.dumps(shapes)}
-        save_file({n: s.detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}, str(path),
-                  metadata=metadata)
+        try:
+            save_file({n: s.detach().cpu().contiguous() for n, s in zip(self.names, self.shadow)}, str(path),
+                      metadata=metadata)
+        except Exception as err:  # safetensors reports the OS error only in its message
+            if "os error 28" in str(err) or "os error 122" in str(err):
+                raise DiskFullError(errno.ENOSPC, f"no space left on the device writing {path}") from None
+            raise
         return path
 
     @torch.no_grad()
@@ -105,15 +126,22 @@ class ShardedEma:
 
     @contextmanager
     def applied(self):
-        """Inside, the model computes with the EMA weights (all ranks enter together)."""
+        """Inside, the model computes with the EMA weights, every parameter of it: the partitions
+        are swapped, and persistent parameters' full copies rebuilt from them (all ranks enter
+        together: the rebuild is an all-gather)."""
         backups = []
         with torch.no_grad():
             for (_, param), shadow in zip(self.params, self.shadow):
                 backups.append(param.ds_tensor.detach().clone())
                 param.ds_tensor.copy_(shadow.to(param.ds_tensor.dtype))
+            refresh_persistent(self.engine)
         try:
             yield
         finally:
             with torch.no_grad():
                 for (_, param), backup in zip(self.params, backups):
                     param.ds_tensor.copy_(backup)
+                refresh_persistent(self.engine)
+
+    def persistent_names(self) -> list[str]:
+        return [name for name, param in self.params if is_persistent(param)]

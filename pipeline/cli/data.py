@@ -45,8 +45,8 @@ def synth_dataset(args) -> int:
 
 
 def run_curate(args) -> int:
-    from deco.pipeline.curate import format_report, load_curate_config
-    from deco.pipeline.curate import curate as run
+    from deco.pipeline.curate.job import format_report, load_curate_config
+    from deco.pipeline.curate.job import curate as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_curate_config(args.config, args.overrides, args.inputs, args.output, args.ray_address)

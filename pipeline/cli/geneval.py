@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deco.pipeline.commands.model import add_set_flag
+from deco.pipeline.cli.model import add_set_flag
 from deco.pipeline.config import ConfigError
 
 REJECTED_EXIT = 3  # `deco gate run`: the checkpoint was evaluated and rejected
@@ -103,14 +103,14 @@ def register(commands) -> None:
 
 
 def _gate_config(name: str | None, overrides: list[str]):
-    from deco.pipeline.gate_config import load_gate_config
+    from deco.pipeline.evaluate.gate_config import load_gate_config
 
     return load_gate_config(name, overrides)
 
 
 def generate(args) -> int:
-    from deco.pipeline.geneval.generate import dist_env, generate_layout, weights_from_checkpoint
-    from deco.pipeline.geneval.prompts import resolve_prompts
+    from deco.pipeline.evaluate.geneval.generate import dist_env, generate_layout, weights_from_checkpoint
+    from deco.pipeline.evaluate.geneval.prompts import resolve_prompts
 
     _logging()
     cfg = _gate_config(args.config, args.overrides)
@@ -133,8 +133,8 @@ def generate(args) -> int:
 
 
 def score_images(args) -> int:
-    from deco.pipeline.geneval.detectors import build_detector
-    from deco.pipeline.geneval.score import score_images as score, write_results
+    from deco.pipeline.evaluate.geneval.detectors import build_detector
+    from deco.pipeline.evaluate.geneval.score import score_images as score, write_results
 
     _logging()
     cfg = _gate_config(args.config, args.overrides)
@@ -153,8 +153,8 @@ def score_images(args) -> int:
 
 
 def summarize(args) -> int:
-    from deco.pipeline.geneval.score import read_results
-    from deco.pipeline.geneval.summary import default_summary_path, format_summary, summarize as summarise, write_summary
+    from deco.pipeline.evaluate.geneval.score import read_results
+    from deco.pipeline.evaluate.geneval.summary import default_summary_path, format_summary, summarize as summarise, write_summary
 
     results = read_results(args.results)
     if not results:
@@ -166,9 +166,9 @@ def summarize(args) -> int:
 
 
 def html_report(args) -> int:
-    from deco.pipeline.geneval.report import write_html_report
-    from deco.pipeline.geneval.score import read_results
-    from deco.pipeline.geneval.summary import summarize as summarise
+    from deco.pipeline.evaluate.geneval.report import write_html_report
+    from deco.pipeline.evaluate.geneval.score import read_results
+    from deco.pipeline.evaluate.geneval.summary import summarize as summarise
 
     results = read_results(args.results)
     if not results:
@@ -178,7 +178,7 @@ def html_report(args) -> int:
 
 
 def synthetic_prompts(args) -> int:
-    from deco.pipeline.geneval.synthetic_prompts import write_synthetic_prompts
+    from deco.pipeline.evaluate.geneval.synthetic_prompts import write_synthetic_prompts
 
     if args.per_task < 0:
         raise ConfigError("--per-task must be >= 0")
@@ -187,8 +187,8 @@ def synthetic_prompts(args) -> int:
 
 
 def gate_run(args) -> int:
-    from deco.pipeline.checkpoint_manifest import CheckpointError
-    from deco.pipeline.gate import evaluate_checkpoint, read_verdict
+    from deco.pipeline.train.manifest import CheckpointError
+    from deco.pipeline.evaluate.gate import evaluate_checkpoint, read_verdict
 
     _logging()
     if args.config is None:
@@ -207,7 +207,7 @@ def gate_run(args) -> int:
 
 
 def gate_watch(args) -> int:
-    from deco.orchestration.gate_watcher import GateWatcher
+    from deco.pipeline.evaluate.watcher import GateWatcher
 
     _logging()
     cfg = _gate_config(args.config or args.stage, args.overrides)

@@ -1,4 +1,4 @@
-"""The `deco` command. Thin: each area's module in pipeline/commands registers its subcommands.
+"""The `deco` command. Thin: each area's module in pipeline/cli registers its subcommands.
 
 New capabilities add config fields rather than flags; tests/test_cli.py freezes the flag set.
 """
@@ -8,11 +8,11 @@ import argparse
 import sys
 
 from deco.data.object_store import StorageError
-from deco.pipeline.commands import data as data_commands
-from deco.pipeline.commands import geneval as geneval_commands
-from deco.pipeline.commands import model as model_commands
-from deco.pipeline.commands import pipeline as pipeline_commands
-from deco.pipeline.commands import train as train_commands
+from deco.pipeline.cli import data as data_commands
+from deco.pipeline.cli import geneval as geneval_commands
+from deco.pipeline.cli import model as model_commands
+from deco.pipeline.cli import pipeline as pipeline_commands
+from deco.pipeline.cli import train as train_commands
 from deco.pipeline.config import ConfigError
 
 # Each module's register(commands) adds its subcommands; add a module here to add an area.
@@ -35,6 +35,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deco: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ def register(commands) -> None:
 
 
 def run_pipeline(args) -> int:
-    from deco.pipeline.staged import PipelineRunner, StageBlocked, format_status, load_pipeline
+    from deco.pipeline.stages import PipelineRunner, StageBlocked, format_status, load_pipeline
 
     runner = PipelineRunner(load_pipeline(args.file, args.overrides))
     try:
@@ -33,7 +33,7 @@ def run_pipeline(args) -> int:
 
 
 def pipeline_status(args) -> int:
-    from deco.pipeline.staged import PipelineRunner, format_status, load_pipeline
+    from deco.pipeline.stages import PipelineRunner, format_status, load_pipeline
 
     rows = PipelineRunner(load_pipeline(args.file, args.overrides)).status()
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from deco.pipeline.commands.model import add_set_flag
+from deco.pipeline.cli.model import add_set_flag
 from deco.pipeline.config import ConfigError
 
 
@@ -64,8 +64,9 @@ def _stage_of(args) -> tuple[str, str]:
 
 
 def run_train(args) -> int:
+    from deco.data.object_store import StorageError
     from deco.orchestration.launch import joined_world, single_process_world, spawn_local
-    from deco.pipeline.checkpoint_manifest import CheckpointError
+    from deco.pipeline.train.manifest import CheckpointError
 
     world = joined_world()
     if world is not None and args.nproc not in (None, world.world_size):
@@ -73,17 +74,18 @@ def run_train(args) -> int:
     if world is None and args.nproc is not None:
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
-        from deco.pipeline.checkpoint import resolve_resume
+        from deco.pipeline.train.checkpoint import resolve_resume
 
         run_dir, stage = _stage_of(args)
-        # Resolve once here: every rank resumes the same checkpoint, and a corrupt one fails before
-        # any rank starts.
-        try:
-            ref = resolve_resume(args.resume, stage)
-        except CheckpointError as err:
-            return _fail(str(err))
+        # A named checkpoint that is not complete fails here, before any rank starts; `auto` is
+        # resolved by the ranks, which verify checksums and fall back past a corrupt checkpoint.
+        if args.resume not in ("", "none", "auto"):
+            try:
+                resolve_resume(args.resume, stage)
+            except CheckpointError as err:
+                return _fail(str(err))
         argv = [sys.executable, "-m", "deco.pipeline.cli", "train", "--config", args.config,
-                "--run-dir", run_dir, "--resume", ref.uri if ref else "none"]
+                "--run-dir", run_dir, "--resume", args.resume or "none"]
         for flag, value in (("--data", args.data), ("--max-steps", args.max_steps),
                             ("--checkpoint-every", args.checkpoint_every)):
             if value not in ("", None):
@@ -94,14 +96,14 @@ def run_train(args) -> int:
     world = world or single_process_world()
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{world.rank} %(name)s %(levelname)s: %(message)s")
-    from deco.pipeline.train import NonFiniteLossError, train
-    from deco.pipeline.train_config import load_train_config
+    from deco.pipeline.train.trainer import NonFiniteLossError, train
+    from deco.pipeline.train.config import load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides, data=args.data, max_steps=args.max_steps,
                                 checkpoint_every=args.checkpoint_every, run_dir=args.run_dir)
         return train(cfg, world, args.resume)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, StorageError, FileNotFoundError) as err:
         # Every rank meets the same mistake: rank 0 says it; the others leave it the time to.
         if world.rank == 0:
             return _fail(str(err))
@@ -115,7 +117,7 @@ def run_train(args) -> int:
 
 def run_launch(args) -> int:
     from deco.orchestration.launch import SlurmJob, deepspeed_command, sbatch_script, train_argv
-    from deco.pipeline.train_config import load_train_config
+    from deco.pipeline.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, run_dir=args.run_dir)  # fail here, not on 64 nodes
     train_args = train_argv(args.config, cfg.run_dir, "auto", args.overrides)
@@ -144,8 +146,8 @@ def run_launch(args) -> int:
 
 
 def run_export(args) -> int:
-    from deco.pipeline.checkpoint_manifest import CheckpointError
-    from deco.pipeline.export import export_checkpoint
+    from deco.pipeline.train.manifest import CheckpointError
+    from deco.pipeline.train.export import export_checkpoint
 
     try:
         print(export_checkpoint(args.checkpoint, args.out, ema=args.ema))

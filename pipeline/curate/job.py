@@ -30,7 +30,7 @@ from deco.data.sources import Partition, SourceError, plan_partitions
 from deco.orchestration import curation
 from deco.orchestration.ray_cluster import check_reachable, ray_cluster, ray_is_connected
 from deco.pipeline.config import ConfigError, load_config
-from deco.pipeline.curate_config import CurateConfig, output_fingerprint
+from deco.pipeline.curate.config import CurateConfig, output_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deco.data.object_store import is_s3, join, open_store
-from deco.pipeline.checkpoint_manifest import STEP_DIR, CheckpointError, CheckpointRef, read_manifest
+from deco.pipeline.train.manifest import STEP_DIR, CheckpointError, CheckpointRef, read_manifest
 from deco.pipeline.config import ConfigError, to_dict
-from deco.pipeline.gate_config import GateConfig, dump_gate_config
+from deco.pipeline.evaluate.gate_config import GateConfig, dump_gate_config
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def decide(summary: dict, thresholds, baseline: dict | None, prompts_digest: str
 
 def weights_resolver(cfg: GateConfig) -> WeightsFor:
     """The default `weights_for`: weights.source=export goes through the trainer's
-    deco.pipeline.export.export_checkpoint (EMA weights); weights.source=file downloads a weights
+    deco.pipeline.train.export.export_checkpoint (EMA weights); weights.source=file downloads a weights
     file the checkpoint already holds (weights.key)."""
     def local_path(ref: CheckpointRef) -> Path:
         return work_dir(cfg, ref) / "weights.safetensors"
@@ -205,9 +205,9 @@ def weights_resolver(cfg: GateConfig) -> WeightsFor:
 
     def from_export(ref: CheckpointRef) -> Path:
         try:
-            from deco.pipeline.export import export_checkpoint
+            from deco.pipeline.train.export import export_checkpoint
         except ImportError as err:
-            raise ConfigError(f"weights.source=export needs deco.pipeline.export.export_checkpoint ({err})") from None
+            raise ConfigError(f"weights.source=export needs deco.pipeline.train.export.export_checkpoint ({err})") from None
         return Path(export_checkpoint(ref.uri, local_path(ref), ema=cfg.weights.ema))
 
     return from_file if cfg.weights.source == "file" else from_export
@@ -220,7 +220,7 @@ def work_dir(cfg: GateConfig, ref: CheckpointRef) -> Path:
 
 
 def _generate(cfg: GateConfig, weights: Path, prompts, prompts_file: Path, images: Path) -> dict:
-    from deco.pipeline.geneval.generate import generate_layout
+    from deco.pipeline.evaluate.geneval.generate import generate_layout
 
     if cfg.generation.nproc == 1:
         return generate_layout(weights, prompts, images, cfg.generation)
@@ -242,11 +242,11 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
     The verdict is created exclusively: when another evaluation recorded one first, that one is
     returned and this one's result is dropped (unless force, which overwrites: a deliberate re-run).
     """
-    from deco.pipeline.geneval.detectors import build_detector
-    from deco.pipeline.geneval.prompts import prompts_digest, resolve_prompts, write_prompts
-    from deco.pipeline.geneval.report import log_to_wandb, write_html_report
-    from deco.pipeline.geneval.score import score_images, write_results
-    from deco.pipeline.geneval.summary import summarize, write_summary
+    from deco.pipeline.evaluate.geneval.detectors import build_detector
+    from deco.pipeline.evaluate.geneval.prompts import prompts_digest, resolve_prompts, write_prompts
+    from deco.pipeline.evaluate.geneval.report import log_to_wandb, write_html_report
+    from deco.pipeline.evaluate.geneval.score import score_images, write_results
+    from deco.pipeline.evaluate.geneval.summary import summarize, write_summary
 
     stage_uri, ref = checkpoint_ref(checkpoint_uri)
     started = time.time()

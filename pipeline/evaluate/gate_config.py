@@ -17,11 +17,11 @@ from pathlib import Path
 import yaml
 
 from deco.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
-from deco.pipeline.geneval.detectors.base import DetectorConfig
-from deco.pipeline.geneval.generate import GenerationConfig
-from deco.pipeline.geneval.prompts import TASKS
+from deco.pipeline.evaluate.geneval.detectors.base import DetectorConfig
+from deco.pipeline.evaluate.geneval.generate import GenerationConfig
+from deco.pipeline.evaluate.geneval.prompts import TASKS
 
-GATES_DIR = Path(__file__).resolve().parents[1] / "configs" / "gates"
+GATES_DIR = Path(__file__).resolve().parents[2] / "configs" / "gates"
 WEIGHT_SOURCES = ("export", "file")
 
 
@@ -35,7 +35,7 @@ class Thresholds:
 
 @dataclass(kw_only=True)
 class WeightsSource:
-    # export: the trainer's deco.pipeline.export.export_checkpoint (EMA weights);
+    # export: the trainer's deco.pipeline.train.export.export_checkpoint (EMA weights);
     # file: a weights .safetensors already inside the checkpoint, at `key`.
     source: str = "export"
     key: str = "weights.safetensors"

@@ -28,10 +28,10 @@ import time
 import uuid
 
 from deco.data.object_store import is_s3, open_store
-from deco.pipeline.checkpoint_manifest import CheckpointError, list_checkpoints, read_manifest
-from deco.pipeline.gate import (VERDICT, WeightsFor, create_exclusive, evaluate_checkpoint, read_verdict,
+from deco.pipeline.train.manifest import CheckpointError, list_checkpoints, read_manifest
+from deco.pipeline.evaluate.gate import (VERDICT, WeightsFor, create_exclusive, evaluate_checkpoint, read_verdict,
                                 reconcile_promotion, reject_unevaluable)
-from deco.pipeline.gate_config import GateConfig
+from deco.pipeline.evaluate.gate_config import GateConfig
 
 log = logging.getLogger(__name__)
 CLAIMS = "gate/claims"
@@ -149,7 +149,7 @@ class GateWatcher:
         heartbeat.start()
         try:
             if self._detector is None:
-                from deco.pipeline.geneval.detectors import build_detector
+                from deco.pipeline.evaluate.geneval.detectors import build_detector
 
                 self._detector = build_detector(self.cfg.detector)
             verdict = evaluate_checkpoint(ref.uri, self.cfg, self.weights_for, detector=self._detector,
@@ -173,8 +173,8 @@ class GateWatcher:
         detector weights, prompts the detector cannot judge), so that a misconfigured watcher
         never rejects good checkpoints as unevaluable."""
         from deco.pipeline.config import ConfigError
-        from deco.pipeline.geneval.detectors import build_detector
-        from deco.pipeline.geneval.prompts import resolve_prompts
+        from deco.pipeline.evaluate.geneval.detectors import build_detector
+        from deco.pipeline.evaluate.geneval.prompts import resolve_prompts
 
         if is_s3(self.cfg.stage_uri):
             open_store(self.cfg.stage_uri).check(create=False)

@@ -22,11 +22,11 @@ from deco.model.config import ModelConfig
 from deco.model.objective import ObjectiveConfig
 from deco.model.repa import RepaTeacherConfig
 from deco.model.text_encoder import TextEncoderConfig
-from deco.orchestration.parallelize import EngineConfig, OptimizerConfig
-from deco.pipeline.checkpoint import CheckpointConfig
+from deco.orchestration.zero3.engine import EngineConfig, OptimizerConfig
+from deco.pipeline.train.checkpoint import CheckpointConfig
 from deco.pipeline.config import ConfigError, from_dict, load_config, to_dict
-from deco.pipeline.ema import EmaConfig
-from deco.pipeline.metrics import LoggingConfig
+from deco.orchestration.zero3.ema import EmaConfig
+from deco.pipeline.train.metrics import LoggingConfig
 
 
 @dataclass(kw_only=True)
@@ -58,6 +58,7 @@ class TrainConfig:
             raise ValueError(f"model: {err}") from None
         self.data.validate()
         self.engine.validate()
+        self.optimizer.validate()
         self.ema.validate()
         self.checkpoint.validate()
         if self.global_batch < 1 or self.max_steps < 0:

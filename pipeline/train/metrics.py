@@ -3,7 +3,8 @@
 
 MFU = achieved training FLOP/s per device / the device's dense bf16 peak, with the model's FLOPs
 from deco.model.flops (generator + REPA projector, forward + backward; frozen encoders excluded).
-On a CPU, or a GPU not in PEAK_BF16_FLOPS, MFU is null: there is no meaningful peak to divide by.
+The peak is the card's datasheet number, looked up by its name (logging.peak_tflops overrides it);
+on a CPU, or a GPU not in the table, MFU is null: there is no meaningful peak to divide by.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,10 +22,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name(); most specific first.
+# Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets, matched
+# against torch.cuda.get_device_name() as whole words, most specific first: "H100 PCIe" before
+# "H100", "H200" never matching "H20".
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+    ("GH200", 989e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("H800", 989e12), ("H20", 148e12), ("GB200", 2500e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A10G", 70e12), ("A10", 125e12),
     ("RTX 4090", 165e12), ("L4", 121e12),
 )
 
@@ -44,13 +49,25 @@ class LoggingConfig:
     sample_time_shift: float = 3.0
     # Global sample ids of every step in <run_dir>/samples.jsonl: an audit of what the model saw.
     record_sample_ids: bool = False
+    # Dense bf16 peak of one accelerator in TFLOP/s for MFU; 0 = the datasheet value for the card.
+    peak_tflops: float = 0.0
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """This device's dense bf16 peak in FLOP/s: the override when set, else the datasheet's."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> float | None:
+    for key, peak in PEAK_BF16_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return peak
+    log.warning("no datasheet bf16 peak known for %r: MFU is not reported (set logging.peak_tflops)", name)
+    return None
 
 
 def memory_gib(device: torch.device) -> float:

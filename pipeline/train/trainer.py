@@ -33,18 +33,22 @@ import torch.distributed as dist
 
 from deco.data.object_store import is_s3, open_store
 from deco.data.streaming import TrainLoader, clean_stale_shared_memory
+from deco.model.config import model_identity
 from deco.model.flops import deco_flops
 from deco.model.flow import sample_train_t
 from deco.model.objective import drop_text, training_loss
 from deco.orchestration.launch import DistWorld
-from deco.orchestration.parallelize import (build_model, build_optimizer, deepspeed_config, device_for, frozen,
-                                            init_distributed, parallelize, partition_stats, resolve_precision)
-from deco.pipeline.checkpoint import Checkpointer, resolve_resume
-from deco.pipeline.checkpoint_manifest import CheckpointError
+from deco.orchestration.zero3.ema import ShardedEma
+from deco.orchestration.zero3.engine import (build_model, build_optimizer, deepspeed_config, device_for, frozen,
+                                             init_distributed, parallelize, resolve_precision)
+from deco.orchestration.zero3.partitions import partition_stats
+from deco.orchestration.zero3.state import estimated_bytes
 from deco.pipeline.config import ConfigError, to_dict
-from deco.pipeline.ema import ShardedEma
-from deco.pipeline.metrics import MetricsLogger, memory_gib, peak_flops
-from deco.pipeline.train_config import TrainConfig, train_config_from_yaml
+from deco.pipeline.train.checkpoint import CONFIG, Checkpointer, no_intact_checkpoint, resolve_resume
+from deco.pipeline.train.config import TrainConfig, train_config_from_yaml
+from deco.pipeline.train.manifest import CheckpointError
+from deco.pipeline.train.metrics import MetricsLogger, memory_gib, peak_flops
+from deco.pipeline.train.preflight import check_storage, rank0_decides
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143
@@ -76,14 +80,18 @@ class Trainer:
         self.precision = resolve_precision(cfg.engine, self.device)
         self.micro_batch = cfg.micro_batch(world.world_size)
         ds_config = deepspeed_config(cfg.engine, self.micro_batch, self.precision)
-        self.resume_ref = _resolve_resume_once(resume, self.stage_uri, world.rank)
+        # Storage answers before anything is built: a missing bucket, no credentials or an
+        # unwritable directory is one line now, not a failure at the first checkpoint.
+        rank0_decides(lambda: check_storage(cfg, self.stage_uri, self.run_dir), world.rank)
+        self.resume_candidates = rank0_decides(lambda: resolve_resume(resume, self.stage_uri), world.rank)
         clock.lap("join")
         # 2. data
         if cfg.data.clean_stale_shared_memory:
             clean_stale_shared_memory()
         # The shard cache is per node (streaming coordinates the ranks of one node through /tmp).
         self.loader = TrainLoader(cfg.data, cfg.resolution, self.micro_batch,
-                                  Path(cfg.data.cache_dir or self.run_dir / "data_cache") / socket.gethostname())
+                                  Path(cfg.data.cache_dir or self.run_dir / "data_cache") / socket.gethostname(),
+                                  pin_memory=self.device.type == "cuda")
         clock.lap("data")
         # 3. frozen networks
         self.encoder = frozen(cfg.text_encoder.build(self.device), self.device)
@@ -95,30 +103,33 @@ class Trainer:
         clock.lap("frozen networks")
         # 4. model, optimizer, engine, EMA
         init_weights = None
-        if cfg.init_from and self.resume_ref is None:
+        if cfg.init_from and not self.resume_candidates:
             init_weights = init_weights_file(cfg, self.run_dir, world)
         elif cfg.init_from and world.rank == 0:
-            log.info("resuming %s: init_from %s is not used", self.resume_ref.uri, cfg.init_from)
+            log.info("resuming %s: init_from %s is not used", self.resume_candidates[0].uri, cfg.init_from)
         _seed_all(cfg.seed)  # the same fresh parameters on every rank and every world size
         model = build_model(cfg.model, ds_config, cfg.engine, init_weights)
         self.engine = parallelize(model, build_optimizer(model.parameters(), cfg.optimizer, self.device),
                                   ds_config, cfg.engine)
-        self.ema = ShardedEma(self.engine, cfg.ema.decay, world.rank, world.world_size) if cfg.ema.enabled else None
+        self.ema = ShardedEma(self.engine, cfg.ema, world.rank, world.world_size) if cfg.ema.enabled else None
         self.checkpointer = Checkpointer(cfg.checkpoint, self.stage_uri, self.run_dir, world.rank,
                                          world.world_size, world.local_rank)
         clock.lap("engine")
         # 5. resume
         self.step, self.samples_seen, self.nonfinite_total, self.corrupt_total = 0, 0, 0, 0
         self.last_saved_step = -1
-        if self.resume_ref is not None:
-            self._resume(self.resume_ref)
+        if self.resume_candidates:
+            self._resume(self.resume_candidates, explicit=resume not in ("auto", ""))
         self.first_step = self.step + 1
+        # A location that cannot hold one checkpoint fails now, not after hours of training.
+        self.checkpointer.ensure_space(self.first_step, estimated_bytes(self.engine, self.ema is not None),
+                                       "a checkpoint of this run")
         clock.lap("resume")
         if world.rank == 0:
             log.info("ready in %s", clock)
         self.flops_per_sample = deco_flops(cfg.model, resolution=cfg.resolution,
                                            text_tokens=cfg.text_encoder.max_length).train
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
         self._write_rank_record()
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, world.rank, to_dict(cfg), cfg.max_steps, self.first_step)
 
@@ -196,14 +207,16 @@ class Trainer:
             self.nonfinite_total += 1
         else:
             if self.ema is not None:
-                self.ema.update()
+                self.ema.update(step)
         self.samples_seen += cfg.global_batch
         if cfg.logging.record_sample_ids:
             self.metrics.log_sample_ids(step, _gather_ids(ids, self.world.world_size))
         return self._record(step, parts_sum, lr, start, data_wait, skipped), stop
 
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        images = batch["images"].to(self.device, non_blocking=True)
+        # Asynchronous only from pinned memory (the loader pins on a GPU): from pageable memory a
+        # non_blocking copy is synchronous anyway, and on some drivers unsafe to reuse.
+        images = batch["images"].to(self.device, non_blocking=batch["images"].is_pinned())
         text, mask = self.text_features(batch)
         t, noise, text, mask = self.draws(batch["ids"], step, images, text, mask)
         teacher = None
@@ -280,15 +293,26 @@ class Trainer:
                                self.cfg.to_yaml())
         self.last_saved_step = self.step
 
-    def _resume(self, ref) -> None:
-        saved_cfg = train_config_from_yaml(open_store(ref.uri).get_bytes("config.yaml").decode(), f"{ref.uri}/config.yaml")
-        if to_dict(saved_cfg.model) != to_dict(self.cfg.model):
+    def _resume(self, candidates: list, explicit: bool) -> None:
+        """Restore the first intact checkpoint of `candidates` (newest first). A checkpoint whose
+        files fail their checksum is skipped with a warning (`auto`), or refused (named URI)."""
+        for index, ref in enumerate(candidates):
+            manifest, root, problem = self.checkpointer.fetch_verified(ref)
+            if problem is None:
+                break
+            self.checkpointer.discard_fetched(ref, root)
+            if explicit or index == len(candidates) - 1:
+                raise CheckpointError(problem if explicit else no_intact_checkpoint(self.stage_uri, problem))
+            if self.world.rank == 0:
+                print(f"deco: warning: {problem}; resuming from {candidates[index + 1].uri} instead", flush=True)
+        saved_cfg = train_config_from_yaml((root / CONFIG).read_text(), f"{ref.uri}/{CONFIG}")
+        if model_identity(to_dict(saved_cfg.model)) != model_identity(to_dict(self.cfg.model)):
             raise ConfigError(f"{ref.uri} was trained with another model config; to start a new stage from its "
                               f"weights, export them and set init_from")
         if saved_cfg.global_batch != self.cfg.global_batch:
             raise ConfigError(f"{ref.uri} was trained with global_batch={saved_cfg.global_batch}, this run has "
                               f"{self.cfg.global_batch}: resuming needs the same global batch (it fixes the data order)")
-        state = self.checkpointer.restore(ref, self.engine, self.ema, self.loader)
+        state = self.checkpointer.restore(ref, manifest, root, self.engine, self.ema, self.loader)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_total, self.corrupt_total = state["nonfinite_steps"], state["corrupt_samples"]
         if ref.uri.rstrip("/").startswith(self.stage_uri.rstrip("/") + "/"):
@@ -343,8 +367,8 @@ def init_weights_file(cfg: TrainConfig, run_dir: Path, world: DistWorld) -> Path
         if world.local_rank == 0:
             open_store(parent).get_file(name, path)
         dist.barrier()
-    theirs = json.loads(read_metadata(path)[MODEL_KEY])
-    ours = to_dict(cfg.model)
+    theirs = model_identity(json.loads(read_metadata(path)[MODEL_KEY]))
+    ours = model_identity(to_dict(cfg.model))
     for section in ("dit", "decoder"):
         if theirs[section] != ours[section]:
             diff = {k: (theirs[section].get(k), v) for k, v in ours[section].items() if theirs[section].get(k) != v}
@@ -371,21 +395,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _resolve_resume_once(resume: str, stage_uri: str, rank: int):
-    """Rank 0 picks the checkpoint (or finds it corrupt); every rank gets the same answer."""
-    box = [None]
-    if rank == 0:
-        try:
-            box = [("ok", resolve_resume(resume, stage_uri))]
-        except CheckpointError as err:
-            box = [("error", str(err))]
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise CheckpointError(value)
-    return value
 
 
 def _gather_ids(ids: list[str], world_size: int) -> list[str]:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.prompts import COLORS
+from deco.pipeline.evaluate.geneval.prompts import COLORS
 
 
 @dataclass(eq=False)

@@ -26,8 +26,8 @@ import torch
 
 from deco.model.sampling import SamplerConfig, initial_noise, sample
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.layout import is_complete, read_generation, write_prompt_folder
-from deco.pipeline.geneval.prompts import Prompt
+from deco.pipeline.evaluate.geneval.layout import is_complete, read_generation, write_prompt_folder
+from deco.pipeline.evaluate.geneval.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def generate_layout(weights: str | Path, prompts: list[Prompt], out_dir: str | P
 
 def weights_from_checkpoint(checkpoint_uri: str, cache_dir: str | Path, rank: int = 0, timeout_s: float = 3600) -> Path:
     """Export a checkpoint's EMA weights once per machine: local rank 0 exports (through the
-    trainer's deco.pipeline.export.export_checkpoint), the other ranks wait for the file."""
+    trainer's deco.pipeline.train.export.export_checkpoint), the other ranks wait for the file."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(checkpoint_uri.encode()).hexdigest()[:16] + ".safetensors"
@@ -178,9 +178,9 @@ def weights_from_checkpoint(checkpoint_uri: str, cache_dir: str | Path, rank: in
         return final
     if rank == 0:
         try:
-            from deco.pipeline.export import export_checkpoint
+            from deco.pipeline.train.export import export_checkpoint
         except ImportError as err:
-            raise ConfigError(f"--checkpoint needs deco.pipeline.export.export_checkpoint ({err}); "
+            raise ConfigError(f"--checkpoint needs deco.pipeline.train.export.export_checkpoint ({err}); "
                               "export the weights yourself and pass --weights") from None
         partial = cache_dir / f".{name}.partial.safetensors"
         export_checkpoint(checkpoint_uri, partial, ema=True)

@@ -165,7 +165,7 @@ def resolve_prompts(spec: str, synthetic_per_task: int = 0, synthetic_seed: int 
     if spec == "official":
         return official_prompts()
     if spec == "synthetic":
-        from deco.pipeline.geneval.synthetic_prompts import synthetic_prompts
+        from deco.pipeline.evaluate.geneval.synthetic_prompts import synthetic_prompts
 
         rows = synthetic_prompts(per_task=synthetic_per_task, seed=synthetic_seed)
         return parse_prompts([json.dumps(r) for r in rows], "synthetic prompts")

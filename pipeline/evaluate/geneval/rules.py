@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from deco.pipeline.geneval.detections import Detection
+from deco.pipeline.evaluate.geneval.detections import Detection
 
 SCORE_THRESHOLD = 0.3
 COUNTING_SCORE_THRESHOLD = 0.9

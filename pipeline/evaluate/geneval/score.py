@@ -21,11 +21,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.detections import Detection, DetectionsIndex, read_detections, write_detections
-from deco.pipeline.geneval.detectors.base import Detector
-from deco.pipeline.geneval.layout import read_layout
-from deco.pipeline.geneval.prompts import validate_metadata
-from deco.pipeline.geneval.rules import evaluate_image
+from deco.pipeline.evaluate.geneval.detections import Detection, DetectionsIndex, read_detections, write_detections
+from deco.pipeline.evaluate.geneval.detectors.base import Detector
+from deco.pipeline.evaluate.geneval.layout import read_layout
+from deco.pipeline.evaluate.geneval.prompts import validate_metadata
+from deco.pipeline.evaluate.geneval.rules import evaluate_image
 
 log = logging.getLogger(__name__)
 UNREADABLE = "unreadable image"

@@ -24,7 +24,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from deco.pipeline.geneval.score import UNREADABLE
+from deco.pipeline.evaluate.geneval.score import UNREADABLE
 
 FORMAT = "deco-geneval-summary/1"
 

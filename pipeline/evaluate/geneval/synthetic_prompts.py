@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from deco.data.synthetic import COLORS, NUMBER_WORDS, SHAPES, plural
-from deco.pipeline.geneval.prompts import RELATIONS, TASKS, write_prompts
+from deco.pipeline.evaluate.geneval.prompts import RELATIONS, TASKS, write_prompts
 
 
 def _a(word: str) -> str:

@@ -3,7 +3,7 @@ dataset), `hf` (Mask2Former + CLIP through transformers) and `mmdet` (the offici
 Mask2Former, when installed). Backends import their heavy dependencies only when built."""
 from __future__ import annotations
 
-from deco.pipeline.geneval.detectors.base import (BACKENDS, Detector, DetectorConfig, HFDetectorConfig,
+from deco.pipeline.evaluate.geneval.detectors.base import (BACKENDS, Detector, DetectorConfig, HFDetectorConfig,
                                                   MMDetDetectorConfig, SyntheticDetectorConfig)
 
 __all__ = ["BACKENDS", "Detector", "DetectorConfig", "HFDetectorConfig", "MMDetDetectorConfig",
@@ -13,13 +13,13 @@ __all__ = ["BACKENDS", "Detector", "DetectorConfig", "HFDetectorConfig", "MMDetD
 def build_detector(cfg: DetectorConfig) -> Detector:
     cfg.validate()
     if cfg.backend == "synthetic":
-        from deco.pipeline.geneval.detectors.synthetic import SyntheticDetector
+        from deco.pipeline.evaluate.geneval.detectors.synthetic import SyntheticDetector
 
         return SyntheticDetector(cfg.synthetic)
     if cfg.backend == "hf":
-        from deco.pipeline.geneval.detectors.hf import HFDetector
+        from deco.pipeline.evaluate.geneval.detectors.hf import HFDetector
 
         return HFDetector(cfg.hf)
-    from deco.pipeline.geneval.detectors.mmdet import MMDetDetector
+    from deco.pipeline.evaluate.geneval.detectors.mmdet import MMDetDetector
 
     return MMDetDetector(cfg.mmdet)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from deco.pipeline.geneval.detections import Detection
-from deco.pipeline.geneval.rules import ColorFn
+from deco.pipeline.evaluate.geneval.detections import Detection
+from deco.pipeline.evaluate.geneval.rules import ColorFn
 
 BACKENDS = ("synthetic", "hf", "mmdet")
 
@@ -90,8 +90,15 @@ class Detector(ABC):
 
 
 def resolve_device(device: str) -> str:
+    """`auto`: this rank's GPU (cuda:LOCAL_RANK under a launcher, else the current device), or the
+    CPU. Plain `cuda` would put every rank's detector on GPU 0."""
     if device != "auto":
         return device
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local_rank) if local_rank is not None else torch.cuda.current_device()}"

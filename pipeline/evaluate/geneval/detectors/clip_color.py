@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deco.pipeline.geneval.detections import Detection
-from deco.pipeline.geneval.prompts import COLORS
+from deco.pipeline.evaluate.geneval.detections import Detection
+from deco.pipeline.evaluate.geneval.prompts import COLORS
 
 GREY = (153, 153, 153)  # #999
 TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.detections import Detection
-from deco.pipeline.geneval.detectors.base import Detector, HFDetectorConfig, resolve_device
-from deco.pipeline.geneval.detectors.clip_color import ClipColorClassifier
-from deco.pipeline.geneval.prompts import object_names
+from deco.pipeline.evaluate.geneval.detections import Detection
+from deco.pipeline.evaluate.geneval.detectors.base import Detector, HFDetectorConfig, resolve_device
+from deco.pipeline.evaluate.geneval.detectors.clip_color import ClipColorClassifier
+from deco.pipeline.evaluate.geneval.prompts import object_names
 
 log = logging.getLogger(__name__)
 

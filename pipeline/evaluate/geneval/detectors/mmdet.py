@@ -10,11 +10,11 @@ import numpy as np
 from PIL import Image
 
 from deco.pipeline.config import ConfigError
-from deco.pipeline.geneval.detections import Detection, decode_rle
-from deco.pipeline.geneval.detectors.base import Detector, MMDetDetectorConfig, resolve_device
-from deco.pipeline.geneval.detectors.clip_color import ClipColorClassifier
-from deco.pipeline.geneval.detectors.hf import geneval_label_map
-from deco.pipeline.geneval.prompts import object_names
+from deco.pipeline.evaluate.geneval.detections import Detection, decode_rle
+from deco.pipeline.evaluate.geneval.detectors.base import Detector, MMDetDetectorConfig, resolve_device
+from deco.pipeline.evaluate.geneval.detectors.clip_color import ClipColorClassifier
+from deco.pipeline.evaluate.geneval.detectors.hf import geneval_label_map
+from deco.pipeline.evaluate.geneval.prompts import object_names
 
 INSTALL_HINT = ("the mmdet backend needs mmdetection 2.x with a matching mmcv-full (e.g. mmcv-full 1.7 and "
                 "mmdet 2.28, built for your CUDA and GPU architecture) plus the reference config and "

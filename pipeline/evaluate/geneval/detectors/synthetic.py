@@ -26,8 +26,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from deco.data.synthetic import COLORS, SHAPES
-from deco.pipeline.geneval.detections import Detection, mask_to_box
-from deco.pipeline.geneval.detectors.base import Detector, SyntheticDetectorConfig
+from deco.pipeline.evaluate.geneval.detections import Detection, mask_to_box
+from deco.pipeline.evaluate.geneval.detectors.base import Detector, SyntheticDetectorConfig
 
 # Feature prototypes (ideal continuous shapes) and spreads: bbox fill, circle fill, top-quarter width,
 # bottom-quarter width, corners, aspect (short / long side: the dataset draws every shape in a square),
