@@ -28,8 +28,45 @@ test: setup
 demo: setup
 	$(VENV)/bin/deco demo
 
+# Every benchmark of this machine; gpu_check.py is the GPU machine's (`make gpu-check`).
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf demo_out runs .pytest_cache
+
+# --- GPU check: `make gpu-wheels` here, then `make gpu-check` on a GPU machine (no registry there) ---
+# The GPU image has python3 3.12 with torch, transformers, msgpack, ninja, py-cpuinfo, einops,
+# nvidia-ml-py, safetensors, pyyaml, xxhash (/work/.library/device/KINDS.md) but not DeepSpeed or
+# pydantic. .whl/ carries exactly what it lacks, one version each (two versions stop the install).
+GPU_PYTHON ?= 3.12
+WHEELS ?= .whl
+GPU_SITE ?= /tmp/site
+GPU_WHEELS_MAX_MIB ?= 64
+# DeepSpeed's import-time needs missing there; typing-extensions too, since pydantic needs >= 4.16.
+GPU_WHEEL_PINS ?= hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	test -x $(PY) || python3 -m venv $(VENV)
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	# Our code, pure Python; --no-deps: the GPU image has torch and the rest, and we never install them there.
+	# setuptools reuses build/: a module removed since the last build would still land in the wheel.
+	rm -rf build
+	$(PIP) wheel -q --no-deps --no-cache-dir -w $(WHEELS) .
+	# From the sdist with no prebuilt ops (pure Python): FusedAdam JIT-compiles with nvcc on the GPU machine.
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-cache-dir --no-binary deepspeed -w $(WHEELS) deepspeed==0.19.8
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(GPU_PLATFORMS) -d $(WHEELS) $(GPU_WHEEL_PINS)
+	ls -l $(WHEELS)
+	du -cb $(WHEELS)/*.whl | tail -1 | awk '{ mib = $$1 / 1048576; printf "gpu-wheels: %.1f MiB in $(WHEELS)\n", mib; \
+		if (mib > $(GPU_WHEELS_MAX_MIB)) { print "gpu-wheels: over $(GPU_WHEELS_MAX_MIB) MiB"; exit 1 } }'
+
+# Runs ON the GPU machine from the repo root: installs only from .whl (no index, no venv), then one
+# process measures everything and writes one JSON (rewritten after each measurement).
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE) python3 benchmarks/gpu_check.py --out $${OUT:-benchmarks/results}/gpu_check.json
