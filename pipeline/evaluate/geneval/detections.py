@@ -16,6 +16,10 @@ File format: one JSON object per image.
   Thresholds and the 16-object cap are applied by the scorer, so list everything the detector found.
 - `box`: pixels, x1 < x2 and y1 < y2, x right and y down (COCO `xywh` must be converted).
 - `score`: confidence in [0, 1].
+- Numbers are written exactly (`--save-detections` writes each box coordinate and score as the
+  shortest decimal that reads back to the same float, never rounded), so a saved file rescored gives
+  the same decisions bit for bit; files with rounded numbers read as before. The scorer rounds boxes
+  and scores to float32 (the reference detector's precision) before it applies the rules.
 - `mask` (optional): COCO run-length encoding, column-major, starting with a run of zeros; `counts`
   either the uncompressed list or the compressed string pycocotools writes. Or `mask_png`: a path
   (relative to the detections file) to a PNG whose non-zero pixels are the object.
@@ -43,7 +47,8 @@ class Detection:
     color: str | None = None                  # a colour already classified, else None
 
     def to_json(self, with_mask: bool = True) -> dict:
-        record = {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 5)}
+        # Exact (float repr round-trips): a score of 0.300004 rounded to 0.3 would drop below the threshold.
+        record = {"box": [float(v) for v in self.box], "score": float(self.score)}
         if with_mask and self.mask is not None:
             record["mask"] = encode_rle(self.mask)
         if self.color is not None:

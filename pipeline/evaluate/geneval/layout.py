@@ -1,7 +1,8 @@
 """The official GenEval image layout, written and read:
 
     <outdir>/<index:05d>/metadata.jsonl       the prompt's JSON object, one line
-    <outdir>/<index:05d>/samples/<n:04d>.png  its images (only `\\d+\\.png` names are scored)
+    <outdir>/<index:05d>/samples/<n:04d>.png  its images (files whose names start with `\\d+\\.png`
+                                              are scored, as the reference's re.match decides)
     <outdir>/<index:05d>/generation.json      ours: seeds and what made the images (ignored by the
                                               official evaluator, which reads only the two above)
 
@@ -27,7 +28,13 @@ log = logging.getLogger(__name__)
 METADATA = "metadata.jsonl"
 SAMPLES = "samples"
 GENERATION = "generation.json"
-SAMPLE_NAME = re.compile(r"^\d+\.png$")
+# Matched at the start of the name only, as the reference's `re.match(r"\d+\.png", name)`: it scores
+# 0003.png.bak and 12.pngx too, so they are scored here as well.
+SAMPLE_NAME = re.compile(r"\d+\.png")
+
+
+def _sample_order(path: Path) -> tuple[int, str]:
+    return int(SAMPLE_NAME.match(path.name).group()[:-4]), path.name
 
 
 def prompt_dir(outdir: str | Path, index: int) -> Path:
@@ -121,8 +128,8 @@ def read_layout(outdir: str | Path) -> LayoutScan:
         except ValueError as err:
             raise ConfigError(f"{meta_path}: invalid JSON: {err}") from None
         sample_dir = entry / SAMPLES
-        names = [p.name for p in sample_dir.iterdir()] if sample_dir.is_dir() else []
-        samples = sorted((sample_dir / n for n in names if SAMPLE_NAME.match(n)), key=lambda p: int(p.stem))
+        entries = list(sample_dir.iterdir()) if sample_dir.is_dir() else []
+        samples = sorted((p for p in entries if SAMPLE_NAME.match(p.name) and p.is_file()), key=_sample_order)
         folders.append(PromptFolder(int(entry.name), entry, metadata, samples))
     if incomplete:
         log.warning("%s: %d prompt folder(s) without %s are incomplete and skipped, e.g. %s",

@@ -1,7 +1,10 @@
 """The GenEval summary of a results file: totals, per-task accuracy, and the overall score, which is
 the unweighted mean of the task accuracies (not the fraction of correct images).
 
-Printed as the reference prints it (tasks in sorted order, as its pandas groupby gives them):
+Computed and printed as the reference's summary_scores.py does: tasks in order of first appearance
+in the results (its `groupby('tag', sort=False)`), a prompt being one distinct `metadata` string (its
+`groupby('metadata')`: two folders holding the same prompt object count once; a row without metadata
+counts by its folder), the overall score numpy's mean of the task accuracies in that order:
 
     Summary
     =======
@@ -12,7 +15,8 @@ Printed as the reference prints it (tasks in sorted order, as its pandas groupby
 
     Task breakdown
     ==============
-    color_attr       = 36.50% (146 / 400)
+    single_object    = 98.75% (316 / 320)
+    two_object       = 81.31% (322 / 396)
     ...
 
     Overall score (avg. over tasks): 0.63107
@@ -21,8 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from deco.pipeline.evaluate.geneval.score import UNREADABLE
 
@@ -32,14 +37,12 @@ FORMAT = "deco-geneval-summary/1"
 def summarize(results: list[dict]) -> dict:
     if not results:
         raise ValueError("no results to summarise")
-    by_task: dict[str, list[bool]] = defaultdict(list)
-    by_prompt: dict[str, list[bool]] = defaultdict(list)
+    by_task: dict[str, list[bool]] = {}      # insertion order = first appearance, as the reference
+    by_prompt: dict[str, list[bool]] = {}
     for row in results:
-        by_task[row["tag"]].append(bool(row["correct"]))
-        # An image's prompt is its folder: <outdir>/<index>/samples/<n>.png.
-        by_prompt[str(Path(row["filename"]).parent.parent)].append(bool(row["correct"]))
-    tasks = {tag: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)}
-             for tag, v in sorted(by_task.items())}
+        by_task.setdefault(row["tag"], []).append(bool(row["correct"]))
+        by_prompt.setdefault(prompt_key(row), []).append(bool(row["correct"]))
+    tasks = {tag: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)} for tag, v in by_task.items()}
     correct = sum(bool(r["correct"]) for r in results)
     prompts_ok = sum(any(v) for v in by_prompt.values())
     return {
@@ -52,8 +55,23 @@ def summarize(results: list[dict]) -> dict:
         "correct_prompts_fraction": prompts_ok / len(by_prompt),
         "unreadable_images": sum(str(r.get("reason", "")).startswith(UNREADABLE) for r in results),
         "tasks": tasks,
-        "overall": sum(t["accuracy"] for t in tasks.values()) / len(tasks),
+        # np.mean, not sum() / n: its summation order decides the last bit, and so, rarely, the 5th decimal.
+        "overall": float(np.mean([t["accuracy"] for t in tasks.values()])),
     }
+
+
+def prompt_key(row: dict) -> str:
+    """What makes two results the same prompt: the reference groups by the `metadata` JSON string.
+
+    Our reader decodes that string; re-encoding it with json.dumps gives the string back (the
+    reference and this project both write json.dumps(metadata) with the default settings)."""
+    metadata = row.get("metadata")
+    if isinstance(metadata, str):
+        return metadata
+    if metadata is not None:
+        return json.dumps(metadata)
+    # No metadata (hand-made rows): the prompt is the image's folder, <outdir>/<index>/samples/<n>.png.
+    return "folder:" + str(Path(row["filename"]).parent.parent)
 
 
 def format_summary(summary: dict) -> str:
