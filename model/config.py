@@ -8,15 +8,48 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
+# Image-token positions for the DiT's 2D RoPE (layers.rope_positions):
+#   "reference": the authors' T2I code, linspace(0, n, n) per side (step n/(n-1));
+#   "arange":    0..n-1 per side (this project's earlier variant).
+ROPE_POSITIONS = ("reference", "arange")
+# The decoder's in-patch position code (decoder.position_code):
+#   "rope_cos": the authors' T2I code, the real part (cosines) of their RoPE helper's table;
+#   "dct":      an orthonormal 2D DCT-II basis (this project's earlier variant).
+POSITION_CODES = ("rope_cos", "dct")
 # Fields that choose how the model computes, not what: weights trained under one value serve under
 # another, so comparisons of a checkpoint's config with a run's leave them out.
 EXECUTION_FIELDS = {"dit": ("attention_backend",)}
+# Fields that say which variant of the architecture a set of weights belongs to. A config tree that
+# lacks one was written before the field existed, by the pre-reference architecture (SwiGLU with
+# biases, arange positions, DCT code, one decoder input Linear), which this version does not build.
+VARIANT_FIELDS = {"dit": ("rope_positions", "mlp_bias"), "decoder": ("position_code",)}
 
 
 def model_identity(tree: dict) -> dict:
     """A model config as a plain tree (ModelConfig fields), without its EXECUTION_FIELDS."""
     return {section: ({k: v for k, v in value.items() if k not in EXECUTION_FIELDS.get(section, ())}
                       if isinstance(value, dict) else value) for section, value in tree.items()}
+
+
+def identity_differences(theirs: dict, ours: dict, sections=("dit", "decoder")) -> list[str]:
+    """'field: theirs vs ours' for every identity field (model_identity) that differs between two
+    model config trees (plain dicts), within `sections` (None: the whole tree, resolution included).
+    A field missing from a tree reads '<absent>'."""
+    theirs, ours = model_identity(theirs), model_identity(ours)
+    lines = []
+    for key in sorted(set(theirs) | set(ours)) if sections is None else sections:
+        mine, other = ours.get(key, "<absent>"), theirs.get(key, "<absent>")
+        if isinstance(mine, dict) and isinstance(other, dict):
+            lines += [f"{key}.{line}" for line in identity_differences(other, mine, sections=None)]
+        elif mine != other:
+            lines.append(f"{key}: {other} vs {mine}")
+    return lines
+
+
+def missing_variant_fields(tree: dict) -> list[str]:
+    """The VARIANT_FIELDS a config tree lacks (non-empty: weights of the pre-reference architecture)."""
+    return [f"{section}.{key}" for section, keys in VARIANT_FIELDS.items() for key in keys
+            if key not in (tree.get(section) or {})]
 
 
 @dataclass(kw_only=True)
@@ -32,7 +65,10 @@ class DiTConfig:
     rope_theta: float = 10000.0
     time_freq_dim: int = 256
     time_max_period: float = 10.0   # t lives in [0, 1], so the sinusoid's periods are short
-    mask_text_padding: bool = True  # False reproduces the reference, which attends to padding
+    # The reference attends to padding slots (False); True masks them (this project's variant).
+    mask_text_padding: bool = False
+    rope_positions: str = "reference"   # one of ROPE_POSITIONS
+    mlp_bias: bool = False              # SwiGLU Linears with biases (True: the earlier variant, +2H+D per block)
     # How masked attention runs (an unmasked forward always uses plain SDPA, i.e. flash on GPU):
     #   "sdpa": F.scaled_dot_product_attention with a boolean mask, which rules out the flash kernel;
     #   "flex": FlexAttention with a BlockMask built once per forward (fused only under torch.compile;
@@ -49,6 +85,8 @@ class DiTConfig:
             raise ValueError(f"dit.hidden={self.hidden} is not divisible by dit.heads={self.heads}")
         if self.head_dim % 4:
             raise ValueError(f"head dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"dit.rope_positions={self.rope_positions!r} is not one of {', '.join(ROPE_POSITIONS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"dit.attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
@@ -59,7 +97,21 @@ class DiTConfig:
 class DecoderConfig:
     width: int = 32
     depth: int = 3
-    pos_freqs: int = 8   # the in-patch position code is the first pos_freqs x pos_freqs 2D DCT basis
+    position_code: str = "rope_cos"  # one of POSITION_CODES
+    # Size of the code: pos_freqs^2 values per pixel ("rope_cos": pos_freqs^2 / 2 frequencies, each
+    # a cosine per axis; "dct": the first min(pos_freqs, patch)^2 basis functions).
+    pos_freqs: int = 8
+
+    def code_width(self, patch: int) -> int:
+        """Values of the in-patch position code per pixel."""
+        return self.pos_freqs**2 if self.position_code == "rope_cos" else min(self.pos_freqs, patch) ** 2
+
+    def validate(self) -> None:
+        if self.position_code not in POSITION_CODES:
+            raise ValueError(f"decoder.position_code={self.position_code!r} is not one of {', '.join(POSITION_CODES)}")
+        if self.position_code == "rope_cos" and self.pos_freqs % 2:
+            # pos_freqs^2 / 2 frequencies, two cosines each: an odd square leaves one value short.
+            raise ValueError(f"decoder.pos_freqs={self.pos_freqs} must be even with position_code rope_cos")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +130,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         self.dit.validate()
+        self.decoder.validate()
         if self.resolution % self.dit.patch_size:
             raise ValueError(f"resolution {self.resolution} is not a multiple of dit.patch_size {self.dit.patch_size}")
         if self.repa.enabled and not 1 <= self.repa.block <= self.dit.depth:

@@ -8,7 +8,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from deco.model.config import DiTConfig
-from deco.model.layers import AdaLNBlock, RMSNorm, TimeEmbedding, rope_2d
+from deco.model.layers import (AdaLNBlock, RMSNorm, TimeEmbedding, compute_dtype, rope_2d, small_normal_init,
+                               xavier_init)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -16,6 +17,12 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     batch, channels, height, width = images.shape
     grid = images.reshape(batch, channels, height // patch, patch, width // patch, patch)
     return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), patch * patch, channels)
+
+
+def patch_vectors(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*patch*patch): each patch flattened channel-major, the order of
+    F.unfold, which is the order of the reference's patch-embed weight columns."""
+    return patchify(images, patch).transpose(-1, -2).flatten(2)
 
 
 def unpatchify(pixels: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
@@ -67,13 +74,22 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(hidden, cfg.time_freq_dim, cfg.time_max_period)
         self.text_proj = nn.Linear(cfg.text_dim, hidden)
         self.text_norm = RMSNorm(hidden)
-        self.text_pos = nn.Parameter(torch.randn(cfg.text_len, hidden) * 0.02)
+        self.text_pos = nn.Parameter(torch.randn(cfg.text_len, hidden))
         self.text_blocks = nn.ModuleList(
-            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=False) for _ in range(cfg.text_refine_depth)
+            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=False, mlp_bias=cfg.mlp_bias)
+            for _ in range(cfg.text_refine_depth)
         )
         self.blocks = nn.ModuleList(
-            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=True) for _ in range(cfg.depth)
+            AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=True, mlp_bias=cfg.mlp_bias)
+            for _ in range(cfg.depth)
         )
+        # The reference's initialisation (it shapes the early training curve): patch embed xavier
+        # uniform with zero bias, time-MLP weights N(0, 0.02) (biases keep PyTorch's default), text
+        # positions N(0, 1) (above). Every other Linear keeps PyTorch's default; the DiT's AdaLN is
+        # not zero-initialised. Through Module.apply: see layers.xavier_init.
+        self.patch_embed.apply(xavier_init)
+        self.time_embed.mlp[0].apply(small_normal_init)
+        self.time_embed.mlp[2].apply(small_normal_init)
 
     def attention_backend(self, device: torch.device) -> str:
         """cfg.attention_backend with "auto" resolved for tensors on `device`."""
@@ -115,7 +131,7 @@ class DiT(nn.Module):
         grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
         param_dtype = self.patch_embed.weight.dtype
 
-        tokens = self.patch_embed(patchify(x_t.to(param_dtype), cfg.patch_size).flatten(2))
+        tokens = self.patch_embed(patch_vectors(x_t.to(param_dtype), cfg.patch_size))
         t_emb = self.time_embed(t)
         text_tokens = self.text_norm(self.text_proj(text.to(param_dtype))) + self.text_pos[: text.shape[1]]
         text_self_mask, image_mask = self._masks(text_mask, grid_h * grid_w)
@@ -123,7 +139,8 @@ class DiT(nn.Module):
         for block in self.text_blocks:
             text_tokens = _run_block(block, text_tokens, t_emb, None, None, text_self_mask)
 
-        rope = rope_2d(grid_h, grid_w, cfg.head_dim, cfg.rope_theta, device=x_t.device)
+        rope = rope_2d(grid_h, grid_w, cfg.head_dim, cfg.rope_theta, device=x_t.device,
+                       positions=cfg.rope_positions, dtype=compute_dtype(param_dtype))
         captured = None
         for index, block in enumerate(self.blocks, start=1):
             tokens = _run_block(block, tokens, t_emb, rope, text_tokens, image_mask)

@@ -29,9 +29,10 @@ def deco_flops(cfg: ModelConfig, resolution: int | None = None, text_tokens: int
     dense = 4 * d * d + 3 * d * m                       # qkv + out, SwiGLU
     text_block = l * dense + 2 * l * l * d
     image_block = n * dense + 2 * l * d * d + 2 * n * (n + l) * d
-    f = min(dec.pos_freqs, p) ** 2
+    f = dec.code_width(p)
     w = dec.width
-    decoder = n * d * p * p * w + pixels * ((3 + f) * w + dec.depth * (3 * w * w + 2 * w * w) + 3 * w)
+    # Per pixel: pixel_in, input_proj, per block AdaLN (3w^2) + MLP (2w^2), output.
+    decoder = n * d * p * p * w + pixels * ((3 + f) * w + w * w + dec.depth * (3 * w * w + 2 * w * w) + 3 * w)
     forward_macs = per_sample + embed + dit.text_refine_depth * text_block + dit.depth * image_block + decoder
 
     projector_macs = n * (2 * d * d + d * cfg.repa.teacher_dim) if cfg.repa.enabled else 0

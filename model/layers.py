@@ -10,8 +10,13 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, the input's own dtype from float32 up (float64 stays exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 whatever the input dtype (bf16 sums of squares lose too much)."""
+    """RMSNorm computed in at least float32 whatever the input dtype (bf16 sums of squares lose too much)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -19,39 +24,85 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(compute_dtype(x.dtype))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * self.weight.to(x32.dtype)).to(x.dtype)
 
 
-def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (N, head_dim/2) for 2D rotary embedding over a grid of absolute token positions.
+def rope_positions(grid_h: int, grid_w: int, mode: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 (x, y) positions of the image tokens along each axis: (grid_w,), (grid_h,).
 
-    Rotation pair j uses the x axis when j is even and the y axis when odd (axes alternate) with
-    frequency theta^(-4k/head_dim), k = j // 2, so each axis gets head_dim/4 frequencies.
-    Positions are absolute (0..n-1 per side): a larger image sees new positions rather than
-    interpolated ones, as the T2I reference does.
+    "reference" is the authors' T2I code: x = linspace(0, grid_h, grid_w), y = linspace(0, grid_w,
+    grid_h). On a square grid that is linspace(0, n, n) on both axes (step n/(n-1), 0..16 over 16
+    tokens at 256 px); on a non-square one each axis ends at the *other* side's token count, which is
+    what their code computes. "arange" is 0..n-1 per side.
     """
-    k = torch.arange(head_dim // 4, device=device, dtype=torch.float32)
-    freqs = theta ** (-4.0 * k / head_dim)                                  # (hd/4,)
-    ys, xs = torch.meshgrid(
-        torch.arange(grid_h, device=device, dtype=torch.float32),
-        torch.arange(grid_w, device=device, dtype=torch.float32),
-        indexing="ij",
-    )
-    angle_x = xs.reshape(-1, 1) * freqs                                     # (N, hd/4)
+    if mode == "reference":
+        return (torch.linspace(0, grid_h, grid_w, dtype=torch.float64, device=device),
+                torch.linspace(0, grid_w, grid_h, dtype=torch.float64, device=device))
+    if mode == "arange":
+        return (torch.arange(grid_w, dtype=torch.float64, device=device),
+                torch.arange(grid_h, dtype=torch.float64, device=device))
+    raise ValueError(f"unknown RoPE positions {mode!r}")
+
+
+def rope_angles(x_pos: torch.Tensor, y_pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Float64 angles (len(y_pos) * len(x_pos), dim // 2) of a 2D rotary table, tokens in raster order.
+
+    Pair j uses the x axis when j is even and the y axis when odd (axes alternate), with frequency
+    theta^(-4k/dim), k = j // 2: dim/4 frequencies per axis.
+    """
+    freqs = theta ** (-4.0 * torch.arange(dim // 4, dtype=torch.float64, device=x_pos.device) / dim)  # (dim/4,)
+    ys, xs = torch.meshgrid(y_pos, x_pos, indexing="ij")
+    angle_x = xs.reshape(-1, 1) * freqs                                              # (N, dim/4)
     angle_y = ys.reshape(-1, 1) * freqs
-    angles = torch.stack([angle_x, angle_y], dim=-1).reshape(grid_h * grid_w, head_dim // 2)
-    return angles.cos(), angles.sin()
+    return torch.stack([angle_x, angle_y], dim=-1).reshape(xs.numel(), 2 * (dim // 4))
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device=None, positions: str = "reference",
+            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (N, head_dim/2) for 2D rotary embedding of a grid of image tokens.
+
+    Positions are absolute (not rescaled to a fixed span as the C2I model does), so a larger image
+    sees new positions rather than interpolated ones, as the T2I reference does. Computed in float64
+    and cast to `dtype` (float32 for training; float64 keeps a float64 forward exact).
+    """
+    angles = rope_angles(*rope_positions(grid_h, grid_w, positions, device), head_dim, theta)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x (B, N, heads, head_dim) by the per-position angles."""
-    x32 = x.float().unflatten(-1, (-1, 2))
+    x32 = x.to(compute_dtype(x.dtype)).unflatten(-1, (-1, 2))
     x0, x1 = x32[..., 0], x32[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[None, :, None, :].to(x32.dtype), sin[None, :, None, :].to(x32.dtype)
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+# Initialisers for Module.apply. Under ZeRO-3's zero.Init each child module is partitioned as soon as
+# its own __init__ returns, so a parent that calls nn.init on a child's parameter writes into an empty
+# partition and the init is lost; Module.apply is the hook DeepSpeed gathers the parameters for.
+@torch.no_grad()
+def xavier_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def small_normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+@torch.no_grad()
+def zero_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -59,20 +110,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """down(silu(gate(x)) * up(x)) with gate and up fused in one Linear, as the reference's `w12`
+    (its output is [gate; up]), so its weights load unchanged; no biases unless `bias` (the
+    earlier variant of this project)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = compute_dtype(t.dtype)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
@@ -116,7 +172,7 @@ class AdaLNBlock(nn.Module):
     followed by a block-owned projection of the refined text; q and all keys get per-head RMSNorm.
     """
 
-    def __init__(self, hidden: int, heads: int, mlp_hidden: int, attends_text: bool):
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int, attends_text: bool, mlp_bias: bool = False):
         super().__init__()
         self.heads = heads
         head_dim = hidden // heads
@@ -127,7 +183,7 @@ class AdaLNBlock(nn.Module):
         self.k_norm = RMSNorm(head_dim)
         self.attn_out = nn.Linear(hidden, hidden)
         self.norm_mlp = RMSNorm(hidden)
-        self.mlp = SwiGLU(hidden, mlp_hidden)
+        self.mlp = SwiGLU(hidden, mlp_hidden, bias=mlp_bias)
         self.adaln = nn.Linear(hidden, 6 * hidden)
         self.checkpointing = False  # switched by DeCo.set_activation_checkpointing
 

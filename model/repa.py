@@ -28,6 +28,9 @@ class RepaTeacherConfig:
     dtype: str = "bfloat16"
     # The teacher's own patch size; checked against the loaded model's config.
     patch_size: int = 14
+    # Antialias the bicubic resize to the teacher's grid. The reference resizes without (False);
+    # True low-passes first, which changes the teacher's targets slightly.
+    antialias: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -44,15 +47,16 @@ class RepaTeacherConfig:
                 f"REPA teacher at {self.path!r} has patch size {model.config.patch_size}, "
                 f"config says {self.patch_size}"
             )
-        return RepaTeacher(model.to(device))
+        return RepaTeacher(model.to(device), antialias=self.antialias)
 
 
 class RepaTeacher(nn.Module):
     """Frozen DINOv2 (with or without registers): images in [-1, 1] -> patch tokens (B, N, C)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, antialias: bool = False) -> None:
         super().__init__()
         self.model = freeze(model)
+        self.antialias = antialias
         self.patch_size = int(model.config.patch_size)
         # Register tokens (DINOv2-with-registers) sit between CLS and the patch tokens.
         self.num_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
@@ -60,9 +64,9 @@ class RepaTeacher(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_modules(cls, model: nn.Module) -> RepaTeacher:
+    def from_modules(cls, model: nn.Module, antialias: bool = False) -> RepaTeacher:
         """Wrap an already-built DINOv2 model (tests, or a model loaded by the caller)."""
-        return cls(model)
+        return cls(model, antialias=antialias)
 
     def train(self, mode: bool = True) -> RepaTeacher:
         # A parent's .train() must not switch on the teacher's dropout: it is frozen, always eval.
@@ -81,7 +85,9 @@ class RepaTeacher(nn.Module):
         grid = (height // dit_patch, width // dit_patch)
         size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
         pixels = (images.float() + 1.0) / 2.0
-        pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+        # The reference normalises before resizing; bicubic weights sum to one, so the order only
+        # changes rounding.
+        pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=self.antialias)
         pixels = (pixels - self.mean) / self.std
         dtype = next(self.model.parameters()).dtype
         tokens = self.model(pixel_values=pixels.to(dtype)).last_hidden_state

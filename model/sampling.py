@@ -18,6 +18,10 @@ from .flow import time_shift
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 VALID_METHODS = ("euler", "heun", "adams2")
+# "reference": the authors' default Heun (exact_henu=False): the corrector-point velocity is reused
+#   as the next step's predictor velocity and the last step is Euler, so n steps cost n model calls;
+# "textbook": every step a full predictor-corrector step, 2n calls.
+HEUN_VARIANTS = ("reference", "textbook")
 
 
 @dataclass(kw_only=True)
@@ -27,10 +31,13 @@ class SamplerConfig:
     cfg_scale: float = 4.0  # guidance weight w in u + w * (c - u); 1.0 disables guidance
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only when lo < t <= hi
     time_shift: float = 3.0  # grid warp, > 1 spends more steps near the noise end
+    heun_variant: str = "reference"  # one of HEUN_VARIANTS (method "heun" only)
 
     def __post_init__(self) -> None:
         if self.method not in VALID_METHODS:
             raise ValueError(f"unknown sampler method {self.method!r}; valid: {', '.join(VALID_METHODS)}")
+        if self.heun_variant not in HEUN_VARIANTS:
+            raise ValueError(f"unknown heun_variant {self.heun_variant!r}; valid: {', '.join(HEUN_VARIANTS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         lo, hi = self.cfg_interval
@@ -108,9 +115,10 @@ class _GuidedVelocity:
         # Concatenated once: the conditions are the same at every step.
         self.both = _concat_conditions(cond, uncond) if cfg.guided else None
 
-    def __call__(self, x: Tensor, t: float) -> Tensor:
+    def __call__(self, x: Tensor, t: float, guide_by: float | None = None) -> Tensor:
+        """The velocity at (x, t), guided when `guide_by` (default t) lies in the guidance interval."""
         t_dtype = torch.promote_types(x.dtype, torch.float32)
-        if self.both is None or not self.cfg.guides_at(t):
+        if self.both is None or not self.cfg.guides_at(t if guide_by is None else guide_by):
             t_batch = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
             return self.velocity_fn(x, t_batch, self.cond).to(x.dtype)
         t_batch = torch.full((2 * x.shape[0],), t, dtype=t_dtype, device=x.device)
@@ -124,7 +132,7 @@ def _euler(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
     return x
 
 
-def _heun(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
+def _heun_textbook(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
     # Every step, the last included, is a full predictor-corrector step, so the model is also
     # evaluated at t = 1. That is safe here: the network predicts velocity directly (nothing
     # divides by 1 - t), and it keeps second order with exactly 2 * steps model calls.
@@ -133,6 +141,26 @@ def _heun(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
         v0 = velocity(x, t0)
         v1 = velocity(x + h * v0, t1)
         x = x + 0.5 * h * (v0 + v1)
+    return x
+
+
+def _heun_reference(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
+    # The reference's HeunSampler as configured by default: the predictor of step i > 0 reuses the
+    # velocity the corrector of step i - 1 evaluated at its predictor point x_hat (not at the
+    # corrected x), the last step is a plain Euler step with that velocity, and the corrector is
+    # guided by whether the step's start time t0 (not t1) lies in the interval. Second order all
+    # the same, with one model call per step.
+    v0: Tensor | None = None
+    for index, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
+        h = t1 - t0
+        if v0 is None:
+            v0 = velocity(x, t0)
+        if index == len(times) - 2:
+            return x + h * v0
+        x_hat = x + h * v0
+        v_hat = velocity(x_hat, t1, guide_by=t0)
+        x = x + 0.5 * h * (v0 + v_hat)
+        v0 = v_hat
     return x
 
 
@@ -155,7 +183,8 @@ def _adams2(velocity: _GuidedVelocity, x: Tensor, times: list[float]) -> Tensor:
     return x
 
 
-_STEPPERS = {"euler": _euler, "heun": _heun, "adams2": _adams2}
+_STEPPERS = {"euler": _euler, "adams2": _adams2}
+_HEUN_STEPPERS = {"reference": _heun_reference, "textbook": _heun_textbook}
 
 
 @torch.no_grad()
@@ -175,4 +204,5 @@ def sample(
     if cfg.guided and uncond is None:
         raise ValueError(f"cfg_scale={cfg.cfg_scale} needs uncond; pass it or set cfg_scale=1.0")
     velocity = _GuidedVelocity(velocity_fn, cfg, cond, uncond)
-    return _STEPPERS[cfg.method](velocity, noise, time_grid(cfg))
+    stepper = _HEUN_STEPPERS[cfg.heun_variant] if cfg.method == "heun" else _STEPPERS[cfg.method]
+    return stepper(velocity, noise, time_grid(cfg))

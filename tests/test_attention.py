@@ -39,11 +39,12 @@ def one_thread():
 
 @functools.cache
 def tiny_model(backend: str, *overrides: str):
-    """The tiny model, identical weights for every backend (same seed), decoder made input-dependent.
+    """The tiny model with padding masked (the reference, and so the default, does not mask),
+    identical weights for every backend (same seed), decoder made input-dependent.
 
     Cached: built once per configuration (tests that backpropagate take a deepcopy)."""
     torch.manual_seed(0)
-    cfg = load_config(ModelConfig, TINY, [f"dit.attention_backend={backend}", *overrides])
+    cfg = load_config(ModelConfig, TINY, [f"dit.attention_backend={backend}", "dit.mask_text_padding=true", *overrides])
     model = cfg.build()
     with torch.no_grad():
         for block in model.decoder.blocks:   # zero-initialised: the velocity would not see the DiT

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # New capabilities add config fields, not flags: changing this table is a deliberate CLI change.
 FROZEN_FLAGS = {
     ("model", "summary"): {"--config", "--set"},
+    ("model", "import-reference"): {"--checkpoint", "--out", "--ema", "--set"},
     ("sample",): {"--weights", "--prompt", "--n", "--steps", "--cfg", "--seed", "--sampler", "--time-shift", "--out"},
     ("demo",): {"--out", "--set"},
     ("pipeline", "run"): {"--set"},

@@ -39,12 +39,16 @@ def test_teacher_drops_cls_token(teacher):
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     tokens = teacher.features(images)
     # Reproduce the preprocessing to compare with the raw model output.
-    pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(56, 56), mode="bicubic", antialias=True)
-    pixels = (pixels - teacher.mean) / teacher.std
+    # The reference's order: normalise, then bicubic resize without antialiasing.
+    pixels = (images + 1) / 2
+    pixels = torch.nn.functional.interpolate((pixels - teacher.mean) / teacher.std, size=(56, 56), mode="bicubic")
     with torch.no_grad():
         full = teacher.model(pixel_values=pixels).last_hidden_state
     assert full.shape[1] == 17
     torch.testing.assert_close(tokens, full[:, 1:])
+    # antialias: true low-passes before resizing: another teacher input, so other targets.
+    smooth = RepaTeacher.from_modules(teacher.model, antialias=True).features(images)
+    assert not torch.allclose(smooth, tokens, atol=1e-3)
 
 
 def test_teacher_with_registers_drops_register_tokens(tmp_path):
@@ -57,7 +61,7 @@ def test_teacher_with_registers_drops_register_tokens(tmp_path):
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     tokens = teacher.features(images)
     assert tokens.shape == (2, 16, 32)
-    pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(56, 56), mode="bicubic", antialias=True)
+    pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(56, 56), mode="bicubic")
     with torch.no_grad():
         full = teacher.model(pixel_values=(pixels - teacher.mean) / teacher.std).last_hidden_state
     assert full.shape[1] == 1 + 4 + 16

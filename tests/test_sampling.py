@@ -22,17 +22,20 @@ RATE = torch.tensor([1.5, -0.8], dtype=torch.float64)
 EXACT = X0 * torch.exp(RATE.view(-1, 1) * math.sin(FREQ) / FREQ)
 
 
-def _error(method: str, steps: int, shift: float) -> float:
-    cfg = SamplerConfig(method=method, steps=steps, cfg_scale=1.0, time_shift=shift)
+def _error(method: str, steps: int, shift: float, heun_variant: str = "reference") -> float:
+    cfg = SamplerConfig(method=method, steps=steps, cfg_scale=1.0, time_shift=shift, heun_variant=heun_variant)
     return (sample(analytic_velocity, X0, cfg, (RATE,)) - EXACT).abs().max().item()
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize(
-    ("method", "low", "high"), [("euler", 0.8, 1.3), ("heun", 1.7, 2.4), ("adams2", 1.7, 2.4)]
+    ("method", "low", "high"),
+    [("euler", 0.8, 1.3), ("heun", 1.7, 2.4), ("heun/textbook", 1.7, 2.4), ("adams2", 1.7, 2.4)],
 )
 def test_convergence_order(method, low, high, shift):
-    coarse, fine = _error(method, 40, shift), _error(method, 80, shift)
+    method, _, variant = method.partition("/")
+    variant = variant or "reference"
+    coarse, fine = _error(method, 40, shift, variant), _error(method, 80, shift, variant)
     observed_order = math.log2(coarse / fine)
     assert low < observed_order < high, f"{method} shift={shift}: order {observed_order:.2f}"
     assert fine < 0.05
@@ -62,8 +65,9 @@ class ConstantVelocity:
 C_VALUE, U_VALUE, SCALE = 2.0, -1.0, 4.0
 
 
-def _run_constant(interval, method="euler", steps=6, shift=3.0, scale=SCALE):
-    cfg = SamplerConfig(method=method, steps=steps, cfg_scale=scale, cfg_interval=interval, time_shift=shift)
+def _run_constant(interval, method="euler", steps=6, shift=3.0, scale=SCALE, heun_variant="reference"):
+    cfg = SamplerConfig(method=method, steps=steps, cfg_scale=scale, cfg_interval=interval, time_shift=shift,
+                        heun_variant=heun_variant)
     fn = ConstantVelocity()
     batch = 3
     cond = (torch.full((batch,), C_VALUE, dtype=torch.float64), None)
@@ -95,9 +99,10 @@ def test_guidance_applied_only_inside_interval(interval):
         assert {batch for batch, _ in fn.calls} == {3, 6}
 
 
-@pytest.mark.parametrize(("method", "calls_per_step"), [("euler", 1), ("heun", 2), ("adams2", 1)])
+@pytest.mark.parametrize(("method", "calls_per_step"), [("euler", 1), ("heun/textbook", 2), ("adams2", 1)])
 def test_one_model_call_per_evaluation_even_when_guided(method, calls_per_step):
-    cfg, fn, out = _run_constant((0.0, 1.0), method=method, steps=5)
+    method, _, variant = method.partition("/")
+    cfg, fn, out = _run_constant((0.0, 1.0), method=method, steps=5, heun_variant=variant or "reference")
     assert len(fn.calls) == calls_per_step * cfg.steps
     assert [batch for batch, _ in fn.calls].count(3) == 1  # only the evaluation at t = 0 is unguided
 
@@ -117,6 +122,26 @@ def test_one_model_call_per_evaluation_even_when_guided(method, calls_per_step):
             r = steps[i] / (2 * steps[i - 1])
             expected += steps[i] * ((1 + r) * velocity[i] - r * velocity[i - 1])
     torch.testing.assert_close(out, torch.full_like(out, expected))
+
+
+def test_reference_heun_reuses_the_corrector_velocity_and_ends_with_euler():
+    # The reference's default Heun (spec section 8; their HeunSampler with exact_henu=False), traced
+    # on a velocity that records its calls: steps calls in all, no call at the last step's start,
+    # the corrector at t1 guided by t0 (so the first corrector, after t = 0, is unguided), and the
+    # update rule written out here from their sampler's description.
+    steps = 5
+    cfg, fn, out = _run_constant((0.0, 1.0), method="heun", steps=steps)
+    grid = time_grid(cfg)
+    assert len(fn.calls) == steps
+    assert [times[0] for _, times in fn.calls] == pytest.approx([grid[0], *grid[1:steps]])
+    assert [batch for batch, _ in fn.calls] == [3, 3, 6, 6, 6]
+    guided = U_VALUE + SCALE * (C_VALUE - U_VALUE)
+    v_hat = [C_VALUE, C_VALUE, guided, guided, guided]   # predictor at t0, then each corrector
+    h = [t1 - t0 for t0, t1 in zip(grid[:-1], grid[1:])]
+    expected = sum(0.5 * h[i] * (v_hat[i] + v_hat[i + 1]) for i in range(steps - 1)) + h[-1] * v_hat[-1]
+    torch.testing.assert_close(out, torch.full_like(out, expected))
+    with pytest.raises(ValueError, match="reference, textbook"):
+        SamplerConfig(method="heun", heun_variant="exact")
 
 
 def test_adams2_uses_variable_step_coefficients():

@@ -191,7 +191,9 @@ def load_safetensors_into(model: nn.Module, path: str | os.PathLike) -> None:
     params = dict(model.named_parameters())
     with safe_open(str(path), framework="pt") as weights:
         names = set(weights.keys())
-        unknown = sorted(names - set(params))
+        # A file may carry a REPA projector (an imported reference checkpoint does); a run without
+        # REPA has no use for it.
+        unknown = sorted(n for n in names - set(params) if not n.startswith("repa_projector."))
         if unknown:
             raise ValueError(f"{path} holds tensors this model lacks: {unknown[:5]}")
         for name, param in params.items():

@@ -1,4 +1,4 @@
-"""`deco model summary`, `deco sample`, `deco demo`."""
+"""`deco model summary`, `deco model import-reference`, `deco sample`, `deco demo`."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,15 @@ def register(commands) -> None:
     summary.add_argument("--config", required=True, help="a configs/model/*.yaml file")
     add_set_flag(summary)
     summary.set_defaults(handler=model_summary)
+    imported = model_commands.add_parser(
+        "import-reference", help="convert the authors' Lightning checkpoint (T2I) into our safetensors")
+    imported.add_argument("--checkpoint", required=True, help="the reference's .ckpt (e.g. t2i_DeCo.ckpt)")
+    imported.add_argument("--out", required=True, help=".safetensors to write (model config in its metadata)")
+    imported.add_argument("--ema", action="store_true", help="take the EMA weights (ema_denoiser.) rather than denoiser.")
+    imported.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="what the checkpoint does not fix: model.resolution (default 512), model.repa.block "
+                               "(default 6), model.dit.attention_backend, text_encoder.* (default Qwen/Qwen3-1.7B)")
+    imported.set_defaults(handler=import_reference)
 
     sample = commands.add_parser("sample", help="generate images from exported weights")
     sample.add_argument("--weights", required=True, help=".safetensors written by `deco export` or the demo")
@@ -44,6 +53,13 @@ def model_summary(args) -> int:
     from deco.pipeline.summary import model_summary as summarize
 
     print(json.dumps(summarize(load_config(ModelConfig, args.config, args.overrides)), indent=2))
+    return 0
+
+
+def import_reference(args) -> int:
+    from deco.pipeline.reference_import import import_reference as convert
+
+    print(convert(args.checkpoint, args.out, ema=args.ema, overrides=args.overrides))
     return 0
 
 

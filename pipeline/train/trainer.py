@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 
-from deco.data.object_store import is_s3, open_store
 from deco.data.streaming import TrainLoader, clean_stale_shared_memory
-from deco.model.config import model_identity
+from deco.model.config import identity_differences
 from deco.model.flops import deco_flops
 from deco.model.flow import sample_train_t
 from deco.model.objective import drop_text, training_loss
@@ -48,6 +48,7 @@ from deco.pipeline.train.checkpoint import CONFIG, Checkpointer, no_intact_check
 from deco.pipeline.train.config import TrainConfig, train_config_from_yaml
 from deco.pipeline.train.manifest import CheckpointError
 from deco.pipeline.train.metrics import MetricsLogger, memory_gib, peak_flops
+from deco.pipeline.train.init_from import init_weights_file
 from deco.pipeline.train.preflight import check_storage, rank0_decides
 
 log = logging.getLogger(__name__)
@@ -305,10 +306,14 @@ class Trainer:
                 raise CheckpointError(problem if explicit else no_intact_checkpoint(self.stage_uri, problem))
             if self.world.rank == 0:
                 print(f"deco: warning: {problem}; resuming from {candidates[index + 1].uri} instead", flush=True)
-        saved_cfg = train_config_from_yaml((root / CONFIG).read_text(), f"{ref.uri}/{CONFIG}")
-        if model_identity(to_dict(saved_cfg.model)) != model_identity(to_dict(self.cfg.model)):
-            raise ConfigError(f"{ref.uri} was trained with another model config; to start a new stage from its "
-                              f"weights, export them and set init_from")
+        saved_yaml = (root / CONFIG).read_text()
+        saved_cfg = train_config_from_yaml(saved_yaml, f"{ref.uri}/{CONFIG}")
+        # Compared as written, not as parsed: parsing fills fields the checkpoint predates with
+        # today's defaults, which would hide a checkpoint of another architecture variant.
+        differences = identity_differences(yaml.safe_load(saved_yaml)["model"], to_dict(self.cfg.model), sections=None)
+        if differences:
+            raise ConfigError(f"{ref.uri} was trained with another model config ({'; '.join(differences)}); "
+                              f"to start a new stage from its weights, export them and set init_from")
         if saved_cfg.global_batch != self.cfg.global_batch:
             raise ConfigError(f"{ref.uri} was trained with global_batch={saved_cfg.global_batch}, this run has "
                               f"{self.cfg.global_batch}: resuming needs the same global batch (it fixes the data order)")
@@ -352,28 +357,6 @@ class Trainer:
         path = save_grid(images.float(), self.run_dir / "samples" / f"step_{self.step:08d}.png")
         self.metrics.log_images(self.step, path, logging_cfg.sample_prompts)
         return path
-
-
-def init_weights_file(cfg: TrainConfig, run_dir: Path, world: DistWorld) -> Path:
-    """The local path of `init_from` (fetched once per node from object storage), checked against
-    this run's model: the DiT and decoder must match; the resolution may differ (RoPE positions
-    are computed per grid), and a REPA projector it lacks starts fresh."""
-    from deco.pipeline.weights import MODEL_KEY, read_metadata
-
-    path = Path(cfg.init_from)
-    if is_s3(cfg.init_from):
-        parent, _, name = cfg.init_from.rpartition("/")
-        path = run_dir / "init_from" / name
-        if world.local_rank == 0:
-            open_store(parent).get_file(name, path)
-        dist.barrier()
-    theirs = model_identity(json.loads(read_metadata(path)[MODEL_KEY]))
-    ours = model_identity(to_dict(cfg.model))
-    for section in ("dit", "decoder"):
-        if theirs[section] != ours[section]:
-            diff = {k: (theirs[section].get(k), v) for k, v in ours[section].items() if theirs[section].get(k) != v}
-            raise ConfigError(f"init_from {cfg.init_from}: model.{section} differs (weights vs config): {diff}")
-    return path
 
 
 class _Clock:
