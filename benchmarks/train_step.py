@@ -12,7 +12,7 @@ text embeddings) and reports the share of step time spent waiting for data.
 GPU (when CUDA is present; not run on the CPU-only development machine): t2i_xxl16 through that
 same full step (streaming loader, ZeRO-3 in bf16 with DeepSpeed's FusedAdam, REPA against a
 DINOv2-B-shaped teacher, EMA) on every local GPU; 256 px (batch 64) and 512 px (batch 16) per GPU,
-eager and compiled: samples/s, MFU (pipeline/metrics.py's peak table: 989 TFLOP/s dense bf16 on
+eager and compiled: samples/s, MFU (pipeline/train/metrics.py's datasheet table: 989 TFLOP/s dense bf16 on
 H100/H200) and the data-wait share, beside the reference's 331.7 img/s compiled at 256 px on an
 H200 (goal: at least 1.3x).
 

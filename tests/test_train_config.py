@@ -8,7 +8,8 @@ import torch
 
 from deco.orchestration.launch import read_hostfile
 from deco.orchestration.zero3.engine import EngineConfig, OptimizerConfig, deepspeed_config, resolve_precision
-from deco.orchestration.zero3.partitions import partition_numel, partition_of
+from deco.orchestration.zero3.files import partition_numel
+from deco.orchestration.zero3.partitions import partition_of
 from deco.pipeline.train.checkpoint import resolve_resume
 from deco.pipeline.train.manifest import CheckpointError
 from deco.pipeline.cli import main

@@ -16,7 +16,6 @@ against one sampled from the exported EMA weights.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

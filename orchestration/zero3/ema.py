@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from deco.data.checksum import DiskFullError
 
-from deco.orchestration.zero3.partitions import (is_persistent, local_fp32, partition_numel, partition_of,
-                                                 refresh_persistent, trainable)
+from deco.orchestration.zero3.files import partition_numel
+from deco.orchestration.zero3.partitions import local_fp32, partition_of, refresh_persistent, trainable
 
 
 @dataclass(kw_only=True)
@@ -142,6 +142,3 @@ class ShardedEma:
                 for (_, param), backup in zip(self.params, backups):
                     param.ds_tensor.copy_(backup)
                 refresh_persistent(self.engine)
-
-    def persistent_names(self) -> list[str]:
-        return [name for name, param in self.params if is_persistent(param)]

@@ -15,7 +15,6 @@ not saved.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass

@@ -33,6 +33,7 @@ from deco.data.checksum import DiskFullError, HashingWriter
 DS_DIR = "deepspeed"
 EMA_DIR = "ema"
 
+
 def model_key(rank: int) -> str:
     return f"{DS_DIR}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deco.orchestration.zero3.files import ZeroCheckpointReader, partition_numel
+from deco.orchestration.zero3.files import ZeroCheckpointReader
 
 
 def trainable(engine) -> list[tuple[str, nn.Parameter]]:
@@ -26,15 +26,6 @@ def local_fp32(param: nn.Parameter) -> torch.Tensor:
     from deepspeed.utils import safe_get_local_fp32_param
 
     return safe_get_local_fp32_param(param)
-
-
-def local_partition(param: nn.Parameter) -> torch.Tensor:
-    """The working-precision (bf16 or fp32) partition the forward gathers from."""
-    return param.ds_tensor
-
-
-def full_shape(param: nn.Parameter) -> torch.Size:
-    return param.ds_shape
 
 
 def is_persistent(param: nn.Parameter) -> bool:
@@ -132,6 +123,3 @@ def set_full_state(engine, reader: ZeroCheckpointReader, rank: int) -> None:
         param.ds_tensor.copy_(local_fp32(param).to(param.ds_tensor.dtype))  # working copy follows
     refresh_persistent(engine)
 
-
-__all__ = ["full_shape", "is_persistent", "local_fp32", "local_partition", "partition_numel", "partition_of",
-           "partition_stats", "refresh_persistent", "set_full_state", "trainable"]

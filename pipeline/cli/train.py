@@ -21,7 +21,8 @@ def register(commands) -> None:
     train.add_argument("--data", default="", help="stream this one MDS location (local or s3://) instead of the config's")
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--checkpoint-every", type=int, default=None)
-    train.add_argument("--resume", default="", help="'auto' (newest complete checkpoint) or a checkpoint URI")
+    train.add_argument("--resume", default="",
+                       help="'auto' (newest intact checkpoint; corrupt ones are skipped), 'none', or a checkpoint URI")
     add_set_flag(train)
     train.set_defaults(handler=run_train)
 

@@ -1,6 +1,6 @@
 """Stage gates: evaluate one complete checkpoint with GenEval, decide, record, promote.
 
-Records in object storage (the layout of checkpoint_manifest.py):
+Records in object storage (the layout of pipeline/train/manifest.py):
 
     <stage_uri>/checkpoints/step_N/gate_verdict.json   the verdict (created once: see create_exclusive)
     <stage_uri>/checkpoints/step_N/gate/report.html    self-contained HTML report

@@ -84,6 +84,19 @@ def resolve_resume(resume: str, stage_uri: str) -> list[CheckpointRef]:
     return [CheckpointRef(manifest.step, resume.rstrip("/"))]
 
 
+def check_writable(stage_uri: str) -> None:
+    """The stage's checkpoint location takes a write and a delete now, not at the first checkpoint."""
+    where = checkpoints_uri(stage_uri)
+    probe = f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        store = open_store(where)
+        store.check(create=True)
+        store.put_bytes(probe, b"deco")
+        store.delete_prefix(probe)
+    except Exception as err:  # StorageError, OSError, and boto3's errors (credentials, permissions) of many types
+        raise StorageError(f"cannot write checkpoints to {where}: {err}") from None
+
+
 def no_intact_checkpoint(stage_uri: str, why: str) -> str:
     return (f"no intact checkpoint in {stage_uri}: {why}; restore the files, or pass --resume none to start "
             f"over (the stage's checkpoints would then be overwritten)")
@@ -127,22 +140,6 @@ class Checkpointer:
         if self.remote:
             return self.run_dir / purpose / step_dir(step)
         return Path(join(checkpoints_uri(self.stage_uri), step_dir(step)))
-
-    # -- before training --------------------------------------------------------------------------
-
-    def check_writable(self) -> None:
-        """Rank 0: the stage location takes a write and a delete now, not at the first checkpoint."""
-        where = checkpoints_uri(self.stage_uri)
-        probe = f".write-probe-{socket.gethostname()}-{os.getpid()}"
-        try:
-            store = open_store(where)
-            store.check(create=True)
-            store.put_bytes(probe, b"deco")
-            store.delete_prefix(probe)
-        except StorageError as err:
-            raise StorageError(f"cannot write checkpoints to {where}: {err}") from None
-        except Exception as err:  # OSError locally; boto3's errors (credentials, permissions) have many types
-            raise StorageError(f"cannot write checkpoints to {where}: {err}") from None
 
     # -- save ---------------------------------------------------------------------------------
 

@@ -56,10 +56,6 @@ class Manifest:
     created_unix: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)  # trainer's own facts: samples seen, config digest...
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.files.values())
-
 
 @dataclass(frozen=True)
 class CheckpointRef:

@@ -4,7 +4,6 @@ start-up, not a failure at the first checkpoint hours later with the training si
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch.distributed as dist
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from deco.data.object_store import StorageError, is_s3, open_store
 from deco.data.streaming import resolve_stream_uri
 from deco.pipeline.config import ConfigError
+from deco.pipeline.train.checkpoint import check_writable
 from deco.pipeline.train.manifest import CheckpointError
 
 T = TypeVar("T")
@@ -19,11 +19,9 @@ T = TypeVar("T")
 EXPECTED = (ConfigError, CheckpointError, StorageError, FileNotFoundError)
 
 
-def check_storage(cfg, stage_uri: str, run_dir: Path) -> None:
+def check_storage(cfg, stage_uri: str) -> None:
     """Rank 0: the checkpoint location takes a write and a delete; every stream has its index."""
-    from deco.pipeline.train.checkpoint import Checkpointer
-
-    Checkpointer(cfg.checkpoint, stage_uri, run_dir, rank=0, world_size=1, local_rank=0).check_writable()
+    check_writable(stage_uri)
     for stream in cfg.data.streams:
         try:
             if is_s3(stream.uri):

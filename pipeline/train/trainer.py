@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 
 from deco.data.streaming import TrainLoader, clean_stale_shared_memory
 from deco.model.config import identity_differences
@@ -47,8 +47,8 @@ from deco.pipeline.config import ConfigError, to_dict
 from deco.pipeline.train.checkpoint import CONFIG, Checkpointer, no_intact_checkpoint, resolve_resume
 from deco.pipeline.train.config import TrainConfig, train_config_from_yaml
 from deco.pipeline.train.manifest import CheckpointError
-from deco.pipeline.train.metrics import MetricsLogger, memory_gib, peak_flops
 from deco.pipeline.train.init_from import init_weights_file
+from deco.pipeline.train.metrics import MetricsLogger, memory_gib, peak_flops
 from deco.pipeline.train.preflight import check_storage, rank0_decides
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg.engine, self.micro_batch, self.precision)
         # Storage answers before anything is built: a missing bucket, no credentials or an
         # unwritable directory is one line now, not a failure at the first checkpoint.
-        rank0_decides(lambda: check_storage(cfg, self.stage_uri, self.run_dir), world.rank)
+        rank0_decides(lambda: check_storage(cfg, self.stage_uri), world.rank)
         self.resume_candidates = rank0_decides(lambda: resolve_resume(resume, self.stage_uri), world.rank)
         clock.lap("join")
         # 2. data
