@@ -2,15 +2,23 @@
 
 URIs: `s3://bucket/prefix` goes through boto3 (any S3-compatible endpoint via S3_ENDPOINT_URL or
 AWS_ENDPOINT_URL; credentials from the environment or the user's AWS configuration, never from our
-configs); anything else is a local path. Keys are '/'-separated paths relative to the store root.
+configs); anything else is a local path. `parse_uri` is the project's one URI parser: no other module
+takes a URI apart. Keys are '/'-separated paths relative to the store root.
 Writes are atomic for readers: a local file appears by rename, an S3 object appears whole.
+
+Prefixes are folders in both backends: `list("a")`, `list_sizes("a")` and `delete_prefix("a")` mean
+the folder a/ or the single object a, never a sibling such as a2/ or a.json; "" means the whole store.
 """
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -19,8 +27,61 @@ class StorageError(RuntimeError):
     """Storage is unreachable or misconfigured: the message says what to fix."""
 
 
+log = logging.getLogger(__name__)
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI. scheme "s3": `bucket` and `key` (no leading or trailing '/'; "" for the bucket
+    itself). scheme "file": `key` is the absolute local path and `bucket` is ""."""
+    scheme: str
+    bucket: str
+    key: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    @property
+    def uri(self) -> str:
+        if self.is_s3:
+            return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+        return self.key
+
+
+def parse_uri(uri: str | Path) -> Location:
+    """The one URI parser: `s3://bucket/key` or a local path (made absolute)."""
+    text = str(uri)
+    if is_s3(text):
+        bucket, _, key = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{text!r} names no bucket: use s3://bucket/prefix")
+        return Location("s3", bucket, key.strip("/"))
+    return Location("file", "", str(Path(text).expanduser().resolve()))
+
+
+def bucket_uri(uri: str) -> str:
+    """`s3://bucket` of an S3 URI (what to check for reachability); a local path has no bucket."""
+    location = parse_uri(uri)
+    if not location.is_s3:
+        raise ValueError(f"{uri} is a local path, not an s3:// URI")
+    return f"s3://{location.bucket}"
+
+
+def store_and_key(file_uri: str | Path) -> tuple["LocalStore | S3Store", str]:
+    """(store, key) of one file's URI: an S3 store rooted at the bucket, or a local store rooted at
+    the file's folder."""
+    location = parse_uri(file_uri)
+    if location.is_s3:
+        if not location.key:
+            raise StorageError(f"{file_uri!r} names a bucket, not an object")
+        return S3Store(f"s3://{location.bucket}"), location.key
+    path = Path(location.key)
+    return LocalStore(path.parent), path.name
 
 
 def join(uri: str, *parts: str) -> str:
@@ -52,6 +113,29 @@ class LocalStore:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp.name, path)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; True when this call created it. Atomic: a complete
+        hidden temporary file is hard-linked to the key (EEXIST: another writer won), so no reader and
+        no racing writer ever sees a partial file."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        try:
+            os.link(tmp.name, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise StorageError(f"{self.root} does not support hard links, which exclusive creates "
+                                   f"need: use another filesystem for this store") from None
+            raise
+        finally:
+            os.unlink(tmp.name)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -105,6 +189,7 @@ class LocalStore:
         return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
 
     def delete_prefix(self, prefix: str) -> None:
+        """Delete the folder `prefix` or the single file of that name; "" deletes the whole store."""
         path = self._path(prefix)
         if path.is_dir():
             shutil.rmtree(path)
@@ -114,10 +199,10 @@ class LocalStore:
 
 class S3Store:
     def __init__(self, uri: str):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
-        if not bucket:
-            raise StorageError(f"{uri!r} names no bucket: use s3://bucket/prefix")
-        self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), uri.rstrip("/")
+        location = parse_uri(uri)
+        if not location.is_s3:
+            raise StorageError(f"{uri!r} is not an s3:// URI")
+        self.bucket, self.prefix, self.uri = location.bucket, location.key, location.uri
         self._client = None
 
     @property
@@ -155,6 +240,33 @@ class S3Store:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; True when this call created it: a conditional PUT
+        (If-None-Match: *), which S3 answers 412 when the object exists. A 409 (a racing conditional
+        write still in flight) is retried, so the answer is that writer's outcome."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(6):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                code = err.response.get("Error", {}).get("Code", "")
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code == "PreconditionFailed" or status == 412:
+                    return False
+                if code in ("NotImplemented",) or status == 501:
+                    break
+                if not (code == "ConditionalRequestConflict" or status == 409) or attempt == 5:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
+        # An S3-compatible store without conditional writes: check, then write (not atomic).
+        log.warning("%s does not support conditional writes; falling back to check-then-write", self.uri)
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -210,23 +322,41 @@ class S3Store:
         return io.BufferedReader(raw, buffer_size=buffer_size)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under the folder `prefix`, or `prefix` itself when it is an object; sorted."""
         return iter(sorted(self.list_sizes(prefix)))
 
     def list_sizes(self, prefix: str = "") -> dict[str, int]:
-        """{key: size in bytes} under `prefix`, from the listing itself (no request per object)."""
+        """{key: size in bytes} of the folder `prefix` (every key under `prefix/`) and of the object
+        named `prefix` itself, never of a sibling such as `prefix2/`; "" is the whole store. From the
+        listing itself (no request per object). Folder markers (keys ending in '/') are not files."""
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
         sizes = {}
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            sizes.update({obj["Key"][strip:]: obj["Size"] for obj in page.get("Contents", [])})
+        if prefix.strip("/"):
+            # The object named exactly `full` sorts first among the keys that start with it.
+            first = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1).get("Contents", [])
+            if first and first[0]["Key"] == full:
+                sizes[full[strip:]] = first[0]["Size"]
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else ""):
+            sizes.update({obj["Key"][strip:]: obj["Size"] for obj in page.get("Contents", [])
+                          if not obj["Key"].endswith("/")})
         return sizes
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = list(self.list(prefix))
+        """Delete what `list(prefix)` names ("" deletes the whole store). S3 answers a batch delete
+        with per-key errors rather than failing it: every batch's are checked, and any raise."""
+        keys = [self._key(k) for k in self.list(prefix)]
+        errors = []
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            errors.extend(response.get("Errors", []))
+        if errors:
+            shown = ", ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})" for e in errors[:5])
+            more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+            raise StorageError(f"could not delete {len(errors)} of {len(keys)} objects under "
+                               f"{join(self.uri, prefix)}: {shown}{more}")
 
 
 class _S3RangeReader(io.RawIOBase):

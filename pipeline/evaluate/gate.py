@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -52,43 +51,9 @@ WeightsFor = Callable[[CheckpointRef], Path]
 
 def create_exclusive(store, key: str, data: bytes) -> bool:
     """Write `key` only if it does not exist; True when this call created it. Atomic on a local
-    directory (hard link of a complete temporary file) and on S3 (a conditional PUT, If-None-Match)."""
-    if hasattr(store, "root"):
-        path = store.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, path)  # atomic, and readers never see a partial file
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links: exclusive create, then write
-            try:
-                with open(path, "xb") as f:
-                    f.write(data)
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            tmp.unlink()
-    from botocore.exceptions import ClientError
-
-    try:
-        store.client.put_object(Bucket=store.bucket, Key=store._key(key), Body=data, IfNoneMatch="*")
-        return True
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return False
-        if code not in ("NotImplemented", "501"):
-            raise
-    # An S3-compatible store without conditional writes: check, then write (one watcher per stage).
-    log.warning("%s does not support conditional writes; falling back to check-then-write", store.uri)
-    if store.exists(key):
-        return False
-    store.put_bytes(key, data)
-    return True
+    directory (hard link of a complete temporary file) and on S3 (a conditional PUT, If-None-Match):
+    the store's `put_if_absent`."""
+    return store.put_if_absent(key, data)
 
 
 def read_json(uri: str, key: str) -> dict | None:

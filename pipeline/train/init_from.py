@@ -2,11 +2,12 @@
 stage's promoted EMA export), fetched once per node and checked against this run's model variant."""
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import torch.distributed as dist
 
-from deco.data.object_store import is_s3, open_store
+from deco.data.object_store import is_s3, store_and_key
 from deco.model.config import identity_differences
 from deco.orchestration.launch import DistWorld
 from deco.pipeline.config import ConfigError, to_dict
@@ -20,10 +21,10 @@ def init_weights_file(cfg, run_dir: Path, world: DistWorld) -> Path:
 
     path = Path(cfg.init_from)
     if is_s3(cfg.init_from):
-        parent, _, name = cfg.init_from.rpartition("/")
-        path = run_dir / "init_from" / name
+        store, key = store_and_key(cfg.init_from)
+        path = run_dir / "init_from" / posixpath.basename(key)
         if world.local_rank == 0:
-            open_store(parent).get_file(name, path)
+            store.get_file(key, path)
         dist.barrier()
     differences = identity_differences(model_config_tree(path), to_dict(cfg.model))
     if differences:
