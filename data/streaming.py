@@ -11,11 +11,19 @@ sees the same global set of samples whatever the number of ranks, nodes or worke
 canonical node count stays the one fixed at the first launch (it is kept in the loader state).
 The loader state (epoch, samples seen) goes into every checkpoint; resuming continues at the exact
 next sample.
+
+A sample that cannot be used (its image does not decode, has the wrong size, or its row does not
+parse) is skipped: its slot takes the next good sample of the same stream, chosen from the sample
+index alone (so the order stays elastically deterministic and resumes exactly; the stand-in is
+seen once more that epoch). Each skip is counted with its shard in the batch (`skipped`,
+`skipped_shards`); each process warns once per shard. MAX_BAD_RUN bad samples in a row is an error
+naming the shard: that is corrupt data, not bit rot.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +36,10 @@ from deco.data.shard_schema import decode_image, decode_text_emb, image_to_tenso
 log = logging.getLogger(__name__)
 
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
+MAX_BAD_RUN = 64                  # bad samples in a row that stop training with an error
+_WARNED_SHARDS: set[str] = set()  # shards this process has warned about
+# What a damaged MDS row raises when read (a missing shard is streaming's RuntimeError: not skipped).
+_ROW_ERRORS = (ValueError, KeyError, IndexError, TypeError, struct.error)
 
 
 @dataclass(kw_only=True)
@@ -83,36 +95,44 @@ def resolve_stream_uri(uri: str, resolution: int) -> str:
 
 
 def decode_sample(raw: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """Raw MDS row -> tensors. A sample that cannot be used keeps its id with `image` None."""
-    sample = {"id": str(raw["id"]), "caption": str(raw.get("caption") or ""), "image": None, "text_emb": None}
+    """Raw MDS row -> tensors. A sample that cannot be used keeps its id with `image` None and the
+    reason in `error` (logged at debug level: the caller decides what to warn about)."""
+    sample = {"id": str(raw["id"]), "caption": str(raw.get("caption") or ""), "image": None, "text_emb": None,
+              "error": None}
     try:
         image = decode_image(raw["image"])
     except Exception as err:  # PIL raises many types for broken files; the id is what matters
-        log.warning("sample %s: undecodable image (%s); skipped", sample["id"], err)
+        sample["error"] = f"undecodable image ({err})"
+        log.debug("sample %s: %s", sample["id"], sample["error"])
         return sample
     if image.size != (resolution, resolution):
-        log.warning("sample %s: image is %sx%s, expected %s px; skipped", sample["id"], *image.size, resolution)
+        sample["error"] = f"image is {image.size[0]}x{image.size[1]}, expected {resolution} px"
+        log.debug("sample %s: %s", sample["id"], sample["error"])
         return sample
-    sample["image"] = image_to_tensor(image)
     if raw.get("text_emb") is not None and raw.get("text_emb_dim"):
-        sample["text_emb"] = decode_text_emb(raw["text_emb"], int(raw["text_emb_dim"])).float()
+        try:
+            sample["text_emb"] = decode_text_emb(raw["text_emb"], int(raw["text_emb_dim"])).float()
+        except (ValueError, RuntimeError) as err:  # bytes that are no whole (tokens, dim) bf16 matrix
+            sample["error"] = f"undecodable text_emb ({err})"
+            log.debug("sample %s: %s", sample["id"], sample["error"])
+            return sample
+    sample["image"] = image_to_tensor(image)
     return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch. Unusable samples are replaced by a usable one of the same batch (counted), so
-    the batch size, and with it the step's sample accounting, never changes."""
-    usable = [s for s in samples if s["image"] is not None]
-    if not usable:
-        raise RuntimeError(f"every sample of a batch is unusable: {[s['id'] for s in samples]}")
-    skipped = [s["id"] for s in samples if s["image"] is None]
-    filled = [s if s["image"] is not None else usable[0] for s in samples]
+    """Stack a batch of usable samples (the dataset has already drawn stand-ins for bad ones)."""
+    unusable = [s["id"] for s in samples if s["image"] is None]
+    if unusable:
+        raise ValueError(f"collate got unusable samples {unusable}: the dataset replaces them before collating")
     return {
-        "ids": [s["id"] for s in samples],        # what the loader delivered, skipped ones included
-        "images": torch.stack([s["image"] for s in filled]),
-        "captions": [s["caption"] for s in filled],
-        "text_emb": [s["text_emb"] for s in filled],
-        "skipped": skipped,
+        "ids": [s["id"] for s in samples],
+        "images": torch.stack([s["image"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "text_emb": [s["text_emb"] for s in samples],
+        # The bad samples these slots were drawn for, with their shards, in slot order.
+        "skipped": [skip for s in samples for skip, _ in s.get("skipped", ())],
+        "skipped_shards": [shard for s in samples for _, shard in s.get("skipped", ())],
     }
 
 
@@ -120,14 +140,86 @@ def _dataset_class():
     from streaming import StreamingDataset
 
     class DecodedStreamingDataset(StreamingDataset):
-        """StreamingDataset whose items are decoded in the loader worker that fetches them."""
+        """StreamingDataset whose items are decoded in the loader worker that fetches them, a bad
+        sample replaced by the next good one of its stream."""
 
-        def __init__(self, *, resolution: int, **kwargs):
+        def __init__(self, *, resolution: int, stream_labels: list[str], **kwargs):
             super().__init__(**kwargs)
-            self.resolution = resolution
+            self.resolution, self.stream_labels = resolution, stream_labels
+            self._bad: dict[int, tuple[str, str]] = {}  # index -> (id, reason), known bad in this process
 
         def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-            return decode_sample(super().get_item(sample_id, retry), self.resolution)
+            sample = self._decoded(sample_id, retry)
+            if sample["image"] is not None:
+                return sample
+            # The stand-in depends on the index alone. A run of bad samples takes the next good
+            # ones in order (the r-th bad of a run the r-th good after it), so a batch of bad
+            # samples is not filled with copies of one sample.
+            first, last = self._stream_range(sample_id)
+            limit = min(MAX_BAD_RUN, last - first)
+            run_start = sample_id
+            while run_start > first and sample_id - run_start < limit:
+                before = self._decoded(run_start - 1, retry)
+                if before["image"] is not None:
+                    break
+                run_start -= 1
+            wanted = run = sample_id - run_start + 1
+            index, run_from, bad = sample_id, self._decoded(run_start, retry), sample
+            while True:
+                if run >= limit:
+                    raise RuntimeError(
+                        f"the data at {self.shard_name(self.spanner[run_start][0])} is corrupt from sample "
+                        f"{run_from['id']}: {run} samples in a row cannot be used (the last, {bad['id']} in "
+                        f"{self.shard_name(self.spanner[index][0])}: {bad['error']}); check the stream's "
+                        f"shards, or curate it again")
+                index = first + (index + 1 - first) % (last - first)
+                candidate = self._decoded(index, retry)
+                if candidate["image"] is not None:
+                    run, wanted = 0, wanted - 1
+                    if not wanted:
+                        break
+                    continue
+                bad = candidate
+                if run:
+                    run += 1
+                else:
+                    run, run_start, run_from = 1, index, candidate
+            shard_id = self.spanner[sample_id][0]
+            shard = self.shard_name(shard_id)
+            if shard not in _WARNED_SHARDS:
+                _WARNED_SHARDS.add(shard)
+                log.warning("stream %s, shard %s: sample %s cannot be used (%s); skipped, the next good sample "
+                            "drawn instead. Further bad samples of this shard are counted in the metrics, not "
+                            "logged.", self.stream_labels[self.stream_per_shard[shard_id]], shard, sample["id"],
+                            sample["error"])
+            candidate["skipped"] = [(sample["id"], shard)]
+            return candidate
+
+        def _decoded(self, index: int, retry: int) -> dict[str, Any]:
+            if index in self._bad:
+                return {"id": self._bad[index][0], "image": None, "error": self._bad[index][1]}
+            try:
+                sample = decode_sample(super().get_item(index, retry), self.resolution)
+            except _ROW_ERRORS as err:
+                shard_id, row = self.spanner[index]
+                sample = {"id": f"{self.shards[shard_id].file_pairs[0][0].basename}#{row}", "image": None,
+                          "error": f"unreadable row ({type(err).__name__}: {err})"}
+            if sample["image"] is None:
+                if len(self._bad) >= 1 << 16:
+                    self._bad.clear()  # a memo of recent bad samples, not a record of all
+                self._bad[index] = (sample["id"], sample["error"])
+            return sample
+
+        def _stream_range(self, index: int) -> tuple[int, int]:
+            stream = int(self.stream_per_shard[self.spanner[index][0]])
+            first = int(self.sample_offset_per_stream[stream])
+            return first, first + int(self.samples_per_stream[stream])
+
+        def shard_name(self, shard_id: int) -> str:
+            """The shard's file where the stream keeps it (remote, else local)."""
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            raw, zipped = self.shards[shard_id].file_pairs[0]
+            return join(stream.remote or stream.local, stream.split or "", (zipped or raw).basename)
 
     return DecodedStreamingDataset
 
@@ -146,7 +238,7 @@ class TrainLoader:
         from streaming import Stream, StreamingDataLoader
 
         self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
-        streams = []
+        streams, labels = [], []
         for index, stream in enumerate(cfg.streams):
             remote = resolve_stream_uri(stream.uri, resolution)
             # Local remotes are copied into the cache too: streaming writes decompressed shards next
@@ -155,8 +247,9 @@ class TrainLoader:
             if stream.proportion > 0:
                 kwargs["proportion"] = stream.proportion
             streams.append(Stream(**kwargs))
+            labels.append(stream.name or stream.uri)
         self.dataset = _dataset_class()(
-            resolution=resolution, streams=streams, batch_size=batch_size, shuffle=cfg.shuffle,
+            resolution=resolution, stream_labels=labels, streams=streams, batch_size=batch_size, shuffle=cfg.shuffle,
             shuffle_algo=cfg.shuffle_algo, shuffle_seed=cfg.shuffle_seed,
             shuffle_block_size=cfg.shuffle_block_size or None,
             num_canonical_nodes=cfg.num_canonical_nodes or None, partition_algo="relaxed",

@@ -130,8 +130,7 @@ class MetricsLogger:
             return
         self._metrics.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "first_step")
-                             and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
+            self._wandb.log(wandb_values(record), step=record["step"])
         step = record["step"]
         if self.cfg.console_every and (step % self.cfg.console_every == 0 or step == self.max_steps):
             print(progress_line(record, self.max_steps, time.perf_counter() - self._start), flush=True)
@@ -154,6 +153,22 @@ class MetricsLogger:
             self._samples.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_values(record: dict) -> dict:
+    """The record's numbers for wandb; a dict of numbers (corrupt_by_shard) as `<key>/<name>`."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    values = {}
+    for key, value in record.items():
+        if key in ("step", "first_step"):
+            continue
+        if number(value):
+            values[key] = value
+        elif isinstance(value, dict):
+            values.update({f"{key}/{name}": v for name, v in value.items() if number(v)})
+    return values
 
 
 def _rewound(path: Path, start_step: int):

@@ -118,6 +118,7 @@ class Trainer:
         clock.lap("engine")
         # 5. resume
         self.step, self.samples_seen, self.nonfinite_total, self.corrupt_total = 0, 0, 0, 0
+        self.corrupt_by_shard: dict[str, int] = {}  # bad samples skipped, per shard, all ranks
         self.last_saved_step = -1
         if self.resume_candidates:
             self._resume(self.resume_candidates, explicit=resume not in ("auto", ""))
@@ -195,7 +196,9 @@ class Trainer:
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / self.world.world_size
             nonfinite, stop_votes, corrupt = values[len(names):]
             stop = stop or stop_votes > 0
-            self.corrupt_total += int(corrupt)
+            if corrupt > 0:  # the same on every rank (all-reduced): all enter the gather, on such steps only
+                self.corrupt_total += int(corrupt)
+                self._count_corrupt(batch.get("skipped_shards", []))
             if nonfinite > 0:
                 skipped = True
             if not skipped:
@@ -213,6 +216,12 @@ class Trainer:
         if cfg.logging.record_sample_ids:
             self.metrics.log_sample_ids(step, _gather_ids(ids, self.world.world_size))
         return self._record(step, parts_sum, lr, start, data_wait, skipped), stop
+
+    def _count_corrupt(self, shards: list[str]) -> None:
+        gathered: list[list[str]] = [None] * self.world.world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, list(shards))
+        for shard in (s for part in gathered for s in part):
+            self.corrupt_by_shard[shard] = self.corrupt_by_shard.get(shard, 0) + 1
 
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         # Asynchronous only from pinned memory (the loader pins on a GPU): from pageable memory a
@@ -278,7 +287,7 @@ class Trainer:
                           if self.peak else None),
                   "memory_gib": memory_gib(self.device), "skipped_nonfinite": skipped,
                   "nonfinite_steps": self.nonfinite_total, "corrupt_samples": self.corrupt_total,
-                  "first_step": self.first_step}
+                  "corrupt_by_shard": dict(sorted(self.corrupt_by_shard.items())), "first_step": self.first_step}
         # The exact loss, for bit-for-bit comparisons of runs (the rounded one is for reading).
         record["loss_exact"] = parts["loss"].hex() if np.isfinite(parts["loss"]) else None
         return record
@@ -289,7 +298,8 @@ class Trainer:
         trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world.world_size,
                          "global_batch": self.cfg.global_batch, "micro_batch": self.micro_batch,
                          "nonfinite_steps": self.nonfinite_total, "corrupt_samples": self.corrupt_total,
-                         "config_digest": self.cfg.digest(), "model": to_dict(self.cfg.model)}
+                         "corrupt_by_shard": self.corrupt_by_shard, "config_digest": self.cfg.digest(),
+                         "model": to_dict(self.cfg.model)}
         self.checkpointer.save(self.step, self.engine, self.ema, self.loader.state_dict(), trainer_state,
                                self.cfg.to_yaml())
         self.last_saved_step = self.step
@@ -320,6 +330,7 @@ class Trainer:
         state = self.checkpointer.restore(ref, manifest, root, self.engine, self.ema, self.loader)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_total, self.corrupt_total = state["nonfinite_steps"], state["corrupt_samples"]
+        self.corrupt_by_shard = dict(state.get("corrupt_by_shard", {}))  # absent from older checkpoints
         if ref.uri.rstrip("/").startswith(self.stage_uri.rstrip("/") + "/"):
             self.last_saved_step = self.step
         if self.world.rank == 0:
