@@ -21,6 +21,9 @@ from PIL import Image, ImageOps
 
 REASONS: dict[str, str] = {
     "source_unreadable": "an input file could not be read past this point (one row per file)",
+    "source_truncated": "an input file ends early (no end-of-archive marker, or cut inside a member): one row per file",
+    "bad_name": "the sample's name is not printable UTF-8 text (its id shows the bytes escaped)",
+    "bad_value": "an image or caption value of a type or size the readers do not take (detail has it)",
     "fetch_failed": "the image URL could not be fetched (HTTP error, timeout, too large)",
     "duplicate_id": "another sample earlier in the job has the same id",
     "caption_missing": "no caption for the image",

@@ -1,8 +1,10 @@
 """Input readers: webdataset tars, parquet with image bytes, image folders with sidecar captions, and
 URL lists (parquet url + caption) fetched over HTTP. Every input may be a local path or s3:// URI.
 
-The job is cut into deterministic partitions by `plan_partitions` (sorted listings; a tar is one
-partition, parquet and URL files are cut into row ranges, folders into runs of files), and
+The job is cut into deterministic partitions by `plan_sources` (sorted listings; a tar is one
+partition, parquet and URL files are cut into row ranges, folders into runs of files), which also
+says what each input was read as and why (`inputs`: the report's and the console's). The format is
+chosen from what the files hold (data/source_formats.py); URLs are fetched only with format `urls`.
 `read_partition` yields a partition's samples in a fixed order. Sample ids:
 
     webdataset  the sample key (member path without extensions); `<tar name>/<key>` with qualify_ids
@@ -11,8 +13,10 @@ partition, parquet and URL files are cut into row ranges, folders into runs of f
     urls        the `id_column` value, else `<file stem>:<row>`
 
 Data errors never stop the job: a missing caption or image is a sample with nothing there, an
-unreadable file becomes one `source_unreadable` sample. Storage errors (after the store's retries)
-do stop it: the run is resumable.
+unreadable file becomes one `source_unreadable` sample, a file that ends early (a tar without its
+end-of-archive marker, cut inside a member) one `source_truncated` sample after the samples read
+before, and a sample with an unusable name or value a `bad_name` / `bad_value` reject. Storage errors
+(after the store's retries) do stop it: the run is resumable.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from deco.data import source_formats
 from deco.data.filters import Reject
 from deco.data.http_fetch import HttpConfig, HttpFetcher
-from deco.data.object_store import is_s3, open_store
+from deco.data.source_formats import (SourceError, checked, describe_input, parquet_layout, printable_id, tar_stem,
+                                     watched_tarinfo)
+from deco.data.object_store import Location, bucket_uri, is_s3, open_store, parse_uri, store_and_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSIONS = ("txt", "caption")
@@ -53,10 +60,6 @@ class SourceConfig:
             raise ValueError(f"sources.partition_size must be >= 1, got {self.partition_size}")
 
 
-class SourceError(ValueError):
-    """An input is missing or not what its configuration says: the message says what to fix."""
-
-
 @dataclass(frozen=True)
 class Partition:
     index: int
@@ -66,14 +69,17 @@ class Partition:
     stop: int = 0
     items: tuple[tuple[str, str], ...] = ()  # folder: (image key or "", caption key or "") per sample
     detail: str = ""     # unreadable: why
+    column: str = ""     # parquet: the image column found in the file when sources.image_column is absent
 
     @property
     def name(self) -> str:
         return f"p{self.index:05d}"
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "kind": self.kind, "uri": self.uri, "start": self.start, "stop": self.stop,
+        data = {"index": self.index, "kind": self.kind, "uri": self.uri, "start": self.start, "stop": self.stop,
                 "items": [list(i) for i in self.items], "detail": self.detail}
+        # only when set: plans written before this field still compare equal on resume
+        return data | {"column": self.column} if self.column else data
 
     @classmethod
     def from_dict(cls, data: dict) -> Partition:
@@ -93,12 +99,8 @@ class RawSample:
 # ------------------------------------------------------------------------------------------------
 
 def _split(uri: str) -> tuple[object, str]:
-    """(store, key) for a file URI: the store is rooted at its parent."""
-    if is_s3(uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        return open_store(f"s3://{bucket}"), key
-    path = Path(uri).expanduser().resolve()
-    return open_store(path.parent), path.name
+    """(store, key) for a file URI: the store is rooted at its bucket or its local folder."""
+    return store_and_key(uri)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -119,14 +121,13 @@ def _expand(uri: str) -> list[str]:
 
 def list_files(uri: str) -> list[str]:
     """The file itself, or every file under a folder / prefix, as sorted URIs."""
-    if is_s3(uri):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
-        store = open_store(f"s3://{bucket}")
-        if prefix and store.exists(prefix):
+    location = parse_uri(uri)
+    if location.is_s3:
+        store = open_store(bucket_uri(uri))
+        if location.key and store.exists(location.key):
             return [uri]
-        base = prefix.rstrip("/") + "/" if prefix else ""
-        keys = [k for k in store.list(base) if not posixpath.basename(k).startswith(".")]
-        return [f"s3://{bucket}/{k}" for k in keys]
+        keys = [k for k in store.list(location.key) if not posixpath.basename(k).startswith(".")]
+        return [Location("s3", location.bucket, k).uri for k in keys]
     path = Path(uri).expanduser()
     if path.is_file():
         return [str(path.resolve())]
@@ -145,19 +146,11 @@ def _extension(uri: str) -> str:
 # Planning
 # ------------------------------------------------------------------------------------------------
 
-def _parquet_kind(uri: str, cfg: SourceConfig, declared: str) -> tuple[str, int]:
+def _parquet_layout(uri: str, cfg: SourceConfig, seen: dict) -> source_formats.ParquetLayout:
     import pyarrow.parquet as pq
 
-    with open_binary(uri) as handle:
-        meta = pq.ParquetFile(handle)
-        names, rows = meta.schema_arrow.names, meta.metadata.num_rows
-    kind = declared if declared in ("parquet", "urls") else ("urls" if cfg.url_column in names and cfg.image_column not in names else "parquet")
-    needed = {"image_column" if kind == "parquet" else "url_column", "caption_column"}
-    for setting in sorted(needed):
-        column = getattr(cfg, setting)
-        if column not in names:
-            raise SourceError(f"{uri}: no column {column!r} (columns: {names}); set sources.{setting}")
-    return kind, rows
+    with open_binary(uri) as handle:  # buffered: a look at a column's first value reads one page, not its chunk
+        return parquet_layout(pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False), uri, cfg, seen)
 
 
 def _folder_items(files: list[str]) -> list[tuple[str, str]]:
@@ -178,11 +171,24 @@ def _root(uri: str) -> str:
     return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
 
 
+@dataclass
+class SourcePlan:
+    partitions: list[Partition]
+    inputs: list[dict]  # per input: uri, format, why, files, samples (see describe_inputs)
+
+
+def plan_sources(cfg: SourceConfig) -> SourcePlan:
+    """The job's partitions, and what each input was read as and why."""
+    partitions = plan_partitions(cfg)
+    return SourcePlan(partitions, describe_inputs(cfg, partitions))
+
+
 def plan_partitions(cfg: SourceConfig) -> list[Partition]:
     """Deterministic partitions of every input, in input order then sorted listing order."""
     if not cfg.uris:
         raise SourceError("no input: set sources.uris in the config or pass --input")
     partitions: list[Partition] = []
+    layouts: dict = {}  # parquet image columns found per schema, shared by the inputs
 
     def add(**kw) -> None:
         partitions.append(Partition(index=len(partitions), **kw))
@@ -192,9 +198,12 @@ def plan_partitions(cfg: SourceConfig) -> list[Partition]:
             files = list_files(uri)
             if not files:
                 raise SourceError(f"input {uri} does not exist or holds no files")
-            tars = [f for f in files if _extension(f) == "tar"]
+            tars = [f for f in files if tar_stem(posixpath.basename(f)) is not None]
             parquets = [f for f in files if _extension(f) == "parquet"]
             kind = cfg.format
+            if kind == "auto" and tars and parquets:  # reading one kind would silently skip the other
+                raise SourceError(f"input {uri} holds both tar and parquet files: set sources.format, "
+                                  "or give each kind as its own input")
             if kind == "auto":
                 kind = "webdataset" if tars else "parquet" if parquets else "folder"
             before = len(partitions)
@@ -204,14 +213,15 @@ def plan_partitions(cfg: SourceConfig) -> list[Partition]:
             elif kind in ("parquet", "urls"):
                 for path in parquets:
                     try:
-                        file_kind, rows = _parquet_kind(path, cfg, cfg.format)
+                        layout = _parquet_layout(path, cfg, layouts)
                     except SourceError:
                         raise
                     except Exception as err:  # a corrupt file is counted, not fatal
                         add(kind="unreadable", uri=path, detail=f"{type(err).__name__}: {str(err)[:160]}")
                         continue
-                    for start in range(0, rows, cfg.partition_size):
-                        add(kind=file_kind, uri=path, start=start, stop=min(rows, start + cfg.partition_size))
+                    for start in range(0, layout.rows, cfg.partition_size):
+                        add(kind=layout.kind, uri=path, start=start, stop=min(layout.rows, start + cfg.partition_size),
+                            column=layout.column)
             else:
                 items = _folder_items(files)
                 for start in range(0, len(items), cfg.partition_size):
@@ -220,6 +230,20 @@ def plan_partitions(cfg: SourceConfig) -> list[Partition]:
             if len(partitions) == before and not empty_parquet:
                 raise SourceError(f"input {uri} holds no {kind} files (set sources.format if it is another kind)")
     return partitions
+
+
+def describe_inputs(cfg: SourceConfig, partitions: list[Partition]) -> list[dict]:
+    """Per input of `cfg.uris`: what it was read as (`format`) and why, from the plan's partitions
+    alone (no I/O), so that a resumed or extended job describes exactly what its plan reads.
+    Partitions of no listed input (an earlier run's) are left out."""
+    uris = [uri for given in cfg.uris for uri in _expand(given)]
+    roots = [_root(uri) for uri in uris]
+    owned: list[list[Partition]] = [[] for _ in uris]
+    for p in partitions:
+        owner = next((i for i, root in enumerate(roots) if p.uri == root or p.uri.startswith(root.rstrip("/") + "/")), None)
+        if owner is not None:
+            owned[owner].append(p)
+    return [describe_input(uri, parts, cfg) for uri, parts in zip(uris, owned)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,14 +286,24 @@ def read_webdataset(partition: Partition, cfg: SourceConfig) -> Iterator[RawSamp
 
     register_s3_gopen()
     gopen = importlib.import_module("webdataset.gopen").gopen
-    prefix = posixpath.basename(partition.uri).removesuffix(".tar") + "/" if cfg.qualify_ids else ""
-    key, parts, count = None, {}, 0
+    name = posixpath.basename(partition.uri)
+    prefix = f"{tar_stem(name)}/" if cfg.qualify_ids else ""
+    key, parts, count, too_big, tar, ended = None, {}, 0, "", None, []
 
     def sample() -> RawSample:
+        if too_big:
+            return RawSample(prefix + key, None, None, Reject("bad_value", too_big))
         return RawSample(prefix + key, _image_from(parts), _caption_from(parts))
 
+    def lost(reason: str, what: str, at: int | None) -> RawSample:
+        # the sample in progress is counted here, not yielded: its members may be missing
+        where = f" at byte {at}" if at is not None else ""
+        rest = f"; sample {prefix + key!r} and any after it are lost" if key is not None else ""
+        return RawSample(f"{partition.uri}@{count}", None, None, Reject(reason, f"{name}: {what}{where}{rest}"))
+
     try:
-        with gopen(partition.uri, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with gopen(partition.uri, "rb") as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=watched_tarinfo(ended)) as tar:
             for member in tar:
                 if not member.isreg():
                     continue
@@ -280,57 +314,59 @@ def read_webdataset(partition: Partition, cfg: SourceConfig) -> Iterator[RawSamp
                     if key is not None:
                         yield sample()
                         count += 1
-                    key, parts = base, {}
-                parts[ext.lower()] = tar.extractfile(member).read()
+                    key, parts, too_big = base, {}, ""
+                if member.size > source_formats.MAX_VALUE_BYTES:  # left unread: the stream skips over it
+                    too_big = f"member {ext} is {member.size} bytes, over {source_formats.MAX_VALUE_BYTES}"
+                else:
+                    parts[ext.lower()] = tar.extractfile(member).read()
                 tar.members = []  # streaming: do not keep every header in memory
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        yield RawSample(f"{partition.uri}@{count}", None, None,
-                        Reject("source_unreadable", f"{type(err).__name__}: {str(err)[:160]}"))
+        at = tar.fileobj.tell() if tar is not None else 0  # bytes of the (decompressed) archive read
+        if str(err) == "empty file":
+            yield lost("source_truncated", "is empty", None)
+        elif isinstance(err, EOFError) or str(err) == "unexpected end of data":
+            yield lost("source_truncated", "ends inside a member", at)
+        else:
+            yield lost("source_unreadable", f"{type(err).__name__}: {str(err)[:160]}", at)
         return
-    if key is not None:
+    if ended and isinstance(ended[-1], tarfile.InvalidHeaderError):
+        yield lost("source_unreadable", f"not a tar header ({ended[-1]})", tar.offset)
+    elif not ended or not isinstance(ended[-1], tarfile.EOFHeaderError):
+        yield lost("source_truncated", "ends without the end-of-archive marker", tar.fileobj.tell())
+    elif key is not None:
         yield sample()
-
-
-def _rows(partition: Partition, columns: list[str]) -> list[dict]:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    import pyarrow.parquet as pq
-
-    with open_binary(partition.uri) as handle:
-        reader = pq.ParquetFile(handle)
-        wanted = [c for c in columns if c in reader.schema_arrow.names]
-        groups, first_row, group_start = [], None, 0
-        for group in range(reader.num_row_groups):
-            rows = reader.metadata.row_group(group).num_rows
-            if group_start < partition.stop and group_start + rows > partition.start:
-                groups.append(group)
-                first_row = group_start if first_row is None else first_row
-            group_start += rows
-        if not groups:
-            return []
-        table = reader.read_row_groups(groups, columns=wanted)
-    return table.slice(partition.start - first_row, partition.stop - partition.start).to_pylist()
 
 
 def _row_id(row: dict, partition: Partition, cfg: SourceConfig, position: int) -> str:
     value = row.get(cfg.id_column)
+    if isinstance(value, bytes):  # undecodable bytes travel as surrogates: read_partition escapes them
+        return value.decode("utf-8", "surrogateescape")
     return str(value) if value is not None else f"{Path(partition.uri).stem}:{partition.start + position}"
 
 
-def _image_value(value) -> bytes | None:
-    if isinstance(value, dict):  # Hugging Face datasets' Image feature
-        value = value.get("bytes")
-    return bytes(value) if value is not None else None
+def _unreadable_rows(partition: Partition, err: Exception) -> Iterator[RawSample]:
+    """Every row of a partition whose row groups cannot be decoded: one reject each, so samples_in
+    still counts what the file holds (its footer says how many rows)."""
+    why = Reject("source_unreadable", f"{type(err).__name__}: {str(err)[:160]}")
+    for row in range(partition.start, partition.stop):
+        yield RawSample(f"{Path(partition.uri).stem}:{row}", None, None, why)
 
 
 def read_parquet(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
-    rows = _rows(partition, [cfg.id_column, cfg.image_column, cfg.caption_column])
-    for position, row in enumerate(rows):
-        yield RawSample(_row_id(row, partition, cfg, position), _image_value(row.get(cfg.image_column)),
-                        row.get(cfg.caption_column))
+    image_column = partition.column or cfg.image_column
+    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop, [cfg.id_column, image_column, cfg.caption_column])
+    if isinstance(rows, Exception):
+        yield from _unreadable_rows(partition, rows)
+        return
+    for position, row in enumerate(rows):  # values as found: read_partition checks their types and sizes
+        yield RawSample(_row_id(row, partition, cfg, position), row.get(image_column), row.get(cfg.caption_column))
 
 
 def read_urls(partition: Partition, cfg: SourceConfig, fetcher: HttpFetcher | None = None) -> Iterator[RawSample]:
-    rows = _rows(partition, [cfg.id_column, cfg.url_column, cfg.caption_column])
+    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop, [cfg.id_column, cfg.url_column, cfg.caption_column])
+    if isinstance(rows, Exception):
+        yield from _unreadable_rows(partition, rows)
+        return
     fetcher = fetcher or HttpFetcher(cfg.http)
     results = fetcher.fetch_all([row.get(cfg.url_column) or "" for row in rows])
     for position, (row, result) in enumerate(zip(rows, results)):
@@ -352,8 +388,14 @@ def read_folder(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
 
 
 def read_partition(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
+    """The partition's samples, each with a printable id and values the filters take, or its reject."""
     if partition.kind == "unreadable":
-        yield RawSample(partition.uri, None, None, Reject("source_unreadable", partition.detail))
-        return
-    readers = {"webdataset": read_webdataset, "parquet": read_parquet, "urls": read_urls, "folder": read_folder}
-    yield from readers[partition.kind](partition, cfg)
+        samples = iter([RawSample(partition.uri, None, None, Reject("source_unreadable", partition.detail))])
+    else:
+        readers = {"webdataset": read_webdataset, "parquet": read_parquet, "urls": read_urls, "folder": read_folder}
+        samples = readers[partition.kind](partition, cfg)
+    for raw in samples:
+        sample_id, image, caption, why = checked(raw.id, raw.image, raw.caption)
+        if raw.reject is not None:  # its detail may quote a file name: escaped as ids are
+            why = Reject(raw.reject.reason, printable_id(raw.reject.detail)[0])
+        yield RawSample(sample_id, image, caption, why)

@@ -45,7 +45,7 @@ def synth_dataset(args) -> int:
 
 
 def run_curate(args) -> int:
-    from deco.pipeline.curate.job import format_report, load_curate_config
+    from deco.pipeline.curate.job import KeptTooFew, check_kept, format_report, load_curate_config
     from deco.pipeline.curate.job import curate as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -58,4 +58,9 @@ def run_curate(args) -> int:
     if report.get("already_complete"):
         print(f"{cfg.output.uri} is already complete; nothing to do", file=sys.stderr)
     print(format_report(report))
+    try:
+        check_kept(report, cfg)
+    except KeptTooFew as err:  # the report is written; the exit status says the output is not usable
+        print(f"deco: error: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -45,12 +45,17 @@ class CurateConfig:
     execution: Literal["ray", "local"] = "ray"
     num_workers: int | None = None  # partitions in flight at once; None = as many as the cluster's CPUs allow
     progress: bool = True  # progress bars on stderr
+    # `deco curate` exits non-zero (after writing the report) when it keeps nothing, or a smaller
+    # fraction of the samples in than this: a job that silently keeps nothing is a broken input.
+    min_kept_fraction: float = 0.0
 
     def validate(self) -> None:
         if not self.output.uri:
             raise ValueError("output.uri is not set: set it in the config or pass --output")
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not 0.0 <= self.min_kept_fraction <= 1.0:
+            raise ValueError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.images.min_side is not None and self.images.min_side < 1:
             raise ValueError(f"images.min_side must be >= 1, got {self.images.min_side}")
         if self.clip.enabled and not self.clip.path and self.clip.scorer == "clip":
@@ -65,7 +70,7 @@ class CurateConfig:
 
 
 # Sections that do not change which samples are kept or what bytes the shards hold.
-RUNTIME_ONLY = ("ray", "resources", "execution", "num_workers", "progress")
+RUNTIME_ONLY = ("ray", "resources", "execution", "num_workers", "progress", "min_kept_fraction")
 
 
 def output_fingerprint(cfg: CurateConfig) -> str:
