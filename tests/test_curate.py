@@ -82,7 +82,8 @@ def test_local_directory_every_fault_rejected_with_its_reason(local_run, tmp_pat
     root, report = local_run
     assert report["partitions"] == 3 and report["execution"] == "ray"
     check_against_truth(read_truth(str(root / "synth")), str(root / "out"), report, tmp_path)
-    assert not (root / "out" / "_work" / "stage").exists()  # staging removed after success
+    stage = root / "out" / "_work" / "stage"  # staged images removed after success; keys kept for added inputs
+    assert not list(stage.glob("*.samples.parquet")) and len(list(stage.glob("*.keys.parquet"))) == 3
     assert (root / "out" / "32" / "index.json").is_file() and (root / "out" / "64" / "p00002").is_dir()
 
 
@@ -207,7 +208,7 @@ def test_webdataset_output_and_url_list_input(ray_address, tmp_path):
         (tmp_path / "list").mkdir()
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list" / "urls.parquet")
         report = run(str(tmp_path / "list"), str(tmp_path / "out"), "output.format=webdataset",
-                     "sources.http.retries=0")
+                     "sources.format=urls", "sources.http.retries=0", "sources.http.allow_networks=[127.0.0.1/32]")
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -9,6 +9,13 @@ Ray); decide duplicates once over the whole job (pass 2); write every partition 
 samples_in = samples_kept + sum(rejected) is checked before the report is written; every rejected
 sample is in rejects.parquet with its reason. Killed at any point, the same command resumes and
 ends with the same output as an uninterrupted run.
+
+Inputs added to a finished output (same settings) are curated as a new run: their partitions are
+numbered after the existing ones, deduplicated against every earlier sample (an earlier kept sample
+is never dropped, earlier shards are never rewritten), and the merged indexes, rejects.parquet and
+the report then cover every run. For this a finished run keeps its staged keys, rejects and markers
+under _work/stage (about 70 bytes a sample); only the staged images are deleted. Inputs that are
+gone or changed are refused: a different input set needs a new output.
 """
 from __future__ import annotations
 
@@ -24,17 +31,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from deco.data import dedup
-from deco.data.object_store import StorageError, is_s3, open_store
+from deco.data.object_store import StorageError, bucket_uri, is_s3, open_store
 from deco.data.shards import (REJECTS_SCHEMA, merge_mds_index, read_table, table_bytes, write_wids_index)
-from deco.data.sources import Partition, SourceError, plan_partitions
+from deco.data.sources import Partition, describe_inputs
 from deco.orchestration import curation
 from deco.orchestration.ray_cluster import check_reachable, ray_cluster, ray_is_connected
 from deco.pipeline.config import ConfigError, load_config
-from deco.pipeline.curate.config import CurateConfig, output_fingerprint
+from deco.pipeline.curate.config import CurateConfig
+from deco.pipeline.curate.plan import REPORT_KEY, generations, plan_job, runs_of
 
 log = logging.getLogger(__name__)
 
-REPORT_KEY = "curation_report.json"
 REJECTS_KEY = "rejects.parquet"
 
 
@@ -66,40 +73,30 @@ def check_storage(cfg: CurateConfig) -> None:
             # a rerun would list the job's own output as input
             raise ConfigError(f"the output {cfg.output.uri} and the input {uri} overlap: choose an output outside the inputs")
         if is_s3(uri):
-            open_store("s3://" + uri[len("s3://"):].split("/", 1)[0]).check(create=False)
+            open_store(bucket_uri(uri)).check(create=False)
 
 
 def _normalised(uri: str) -> str:
     return (uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())) + "/"
 
 
-def _plan(cfg: CurateConfig, store) -> tuple[list[Partition], str]:
-    try:
-        partitions = plan_partitions(cfg.sources)
-    except SourceError as err:
-        raise ConfigError(str(err)) from None
-    fingerprint = output_fingerprint(cfg)
-    plan = {"fingerprint": fingerprint, "partitions": [p.to_dict() for p in partitions]}
-    where = cfg.output.uri
-    if store.exists(REPORT_KEY):
-        previous = json.loads(store.get_bytes(REPORT_KEY))
-        if previous.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{where} already holds a curated dataset made with other settings; "
-                              "choose a new --output (or delete it)")
-    if store.exists(curation.PLAN_KEY):
-        previous = json.loads(store.get_bytes(curation.PLAN_KEY))
-        if previous != plan:
-            what = "settings" if previous.get("fingerprint") != fingerprint else "inputs"
-            raise ConfigError(f"{where} holds an unfinished run with different {what}: rerun with the original "
-                              f"config and inputs to resume it, or choose a new --output (or delete {where}/_work)")
-    else:
-        store.check(create=True)
-        store.put_bytes(curation.PLAN_KEY, json.dumps(plan, sort_keys=True).encode())
-    return partitions, fingerprint
+def _drop_staged_samples(store) -> None:
+    """After a finished run: staged samples (the resized images) go; the keys, rejects and markers
+    stay (about 70 bytes a sample), so that inputs added later are deduplicated against these."""
+    stage = f"{curation.WORK}/stage/"
+    for key in [k for k in store.list(stage) if k.endswith(".samples.parquet")]:
+        store.delete_prefix(key)
 
 
-def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition]) -> tuple[dict[str, list[str]], list[dict]]:
-    """Pass 2: duplicate ids, then exact and near duplicates over every staged key of the job."""
+def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition],
+                       run_of: dict[str, int] | None = None) -> tuple[dict[str, list[str]], list[dict]]:
+    """Pass 2: duplicate ids, then exact and near duplicates over every staged key of the job.
+
+    Within a run the smallest id of a group is kept. A later run's samples (inputs added to a
+    finished output) come after every earlier run's: they can duplicate an earlier kept sample, never
+    displace it, so the decisions over earlier runs, and so their shards, stay what they were.
+    """
+    run_of = run_of or {}
     candidates, first_seen, rejects = [], {}, []
     for partition in partitions:
         keys = read_table(store.get_bytes(curation.stage_key(partition.name, "keys.parquet"))).to_pylist()
@@ -116,9 +113,12 @@ def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition]) ->
             first_seen[sample_id] = partition.name
             if key is not None:
                 candidates.append((partition.name, position, key))
-    found = dedup.find_duplicates([c[2]["id"] for c in candidates], [c[2]["exact_key"] for c in candidates],
-                                  [c[2]["phash"] for c in candidates], exact=cfg.dedup.exact, near=cfg.dedup.near,
-                                  threshold=cfg.dedup.hamming_threshold)
+    # find_duplicates keeps the smallest id of a group: a fixed-width run prefix orders runs first
+    ranked = [f"{run_of.get(c[0], 0):06d}{c[2]['id']}" for c in candidates]
+    found = [dataclasses.replace(d, id=d.id[6:], duplicate_of=d.duplicate_of[6:])
+             for d in dedup.find_duplicates(ranked, [c[2]["exact_key"] for c in candidates],
+                                            [c[2]["phash"] for c in candidates], exact=cfg.dedup.exact,
+                                            near=cfg.dedup.near, threshold=cfg.dedup.hamming_threshold)]
     where = {c[2]["id"]: (c[0], c[1]) for c in candidates}
     drop: dict[str, list[str]] = {p.name: [] for p in partitions}
     for row in rejects:
@@ -145,14 +145,22 @@ def _finish(cfg: CurateConfig, store, partitions: list[Partition], dedup_rejects
         shard_stats[str(r)] = {"samples": sum(s["samples"] for s in per_partition),
                                "shards": sum(s["shards"] for s in per_partition),
                                "bytes": sum(s["bytes"] for s in per_partition)}
-    rejects, samples_in = [], 0
+    rejects, samples_in, partition_in = [], 0, {}
     for partition in partitions:
         marker = json.loads(store.get_bytes(curation.stage_key(partition.name, "done.json")))
         samples_in += marker["samples_in"]
+        partition_in[partition.name] = marker["samples_in"]
         staged = read_table(store.get_bytes(curation.stage_key(partition.name, "rejects.parquet"))).to_pylist()
         rejects.extend(r | {"partition": partition.name} for r in staged)
     rejects.extend(dedup_rejects)
-    rejects.sort(key=lambda r: (r["partition"], r["position"]))
+    order = {p.name: n for n, p in enumerate(partitions)}  # the plan's order: p100000 comes after p99999
+    rejects.sort(key=lambda r: (order[r["partition"]], r["position"]))
+    per_partition_rejects = Counter(r["partition"] for r in rejects)
+    for partition, w in zip(partitions, written):  # shards written by an earlier run agree with today's decisions
+        if partition_in[partition.name] != w["kept"] + per_partition_rejects[partition.name]:
+            raise RuntimeError(f"{partition.name} of {cfg.output.uri} holds {w['kept']} samples but "
+                               f"{partition_in[partition.name] - per_partition_rejects[partition.name]} survive "
+                               "curation now: its shards no longer match its staged keys")
     schema = REJECTS_SCHEMA.append(pa.field("partition", pa.string())).append(pa.field("position", pa.int32()))
     store.put_bytes(REJECTS_KEY, table_bytes(rejects, schema))
     kept = sum(w["kept"] for w in written)
@@ -173,23 +181,31 @@ def curate(cfg: CurateConfig) -> dict:
     if cfg.execution == "ray" and not ray_is_connected():
         check_reachable(cfg.ray)
     store = open_store(cfg.output.uri)
-    partitions, fingerprint = _plan(cfg, store)  # creates nothing until the inputs are known good
-    if store.exists(REPORT_KEY):
+    planned = plan_job(cfg, store)  # creates nothing until the inputs are known good
+    partitions, fingerprint = planned.partitions, planned.fingerprint
+    inputs = describe_inputs(cfg.sources, partitions)
+    for entry in inputs:  # said before any work: a format the user did not expect costs nothing yet
+        print(f"deco curate: {entry['uri']}: {entry['format']} ({entry['why']})", flush=True)
+    if planned.complete:  # the report covers exactly these inputs
         log.info("%s is already complete", cfg.output.uri)
         if not cfg.output.keep_staging:  # a run killed right after its report leaves staging behind
-            store.delete_prefix(f"{curation.WORK}/stage")
+            _drop_staged_samples(store)
         return json.loads(store.get_bytes(REPORT_KEY)) | {"already_complete": True}
     timings = {}
     cluster = ray_cluster(cfg.ray) if cfg.execution == "ray" else contextlib.nullcontext(None)
     with cluster as info:
-        stage_todo = [p for p in partitions if not store.exists(curation.stage_key(p.name, "done.json"))]
+        # a finished run keeps its partitions' keys but not their samples: those are only restaged
+        # when still unwritten (or when an output finished before keys were kept gains inputs)
+        stage_todo = [p for p in partitions if not store.exists(curation.stage_key(p.name, "done.json"))
+                      or (not store.exists(curation.written_key(p.name))
+                          and not store.exists(curation.stage_key(p.name, "samples.parquet")))]
         tick = time.perf_counter()
         for _ in curation.run_pass(curation.stage_partition, [(p, cfg, cfg.output.uri) for p in stage_todo],
                                    cfg, "stage", cpus=cfg.resources.stage_cpus):
             pass
         timings["stage_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        drop, dedup_rejects = _decide_duplicates(cfg, store, partitions)
+        drop, dedup_rejects = _decide_duplicates(cfg, store, partitions, generations(planned))
         timings["dedup_s"] = time.perf_counter() - tick
         write_todo = [p for p in partitions if not store.exists(curation.written_key(p.name))]
         tick = time.perf_counter()
@@ -205,13 +221,16 @@ def curate(cfg: CurateConfig) -> dict:
     report = {**counts, "fingerprint": fingerprint, "output": cfg.output.uri, "format": cfg.output.format,
               "resolutions": cfg.transform.resolutions, "text_emb": cfg.text_emb.enabled,
               "partitions": len(partitions), "partitions_resumed": len(partitions) - len(stage_todo),
+              "partitions_added": planned.runs[-1]["partitions"] if len(planned.runs) > 1 else 0,
+              "runs": runs_of(planned), "inputs_digest": planned.digest,
+              "inputs": inputs,
               "execution": cfg.execution, "ray_address": info.address if info else None,
               "config": dataclasses.asdict(cfg),
               "throughput": {"wall_s": round(wall, 3), "samples_per_s": round(counts["samples_in"] / max(wall, 1e-9), 2),
                              **{k: round(v, 3) for k, v in timings.items()}}}
     store.put_bytes(REPORT_KEY, json.dumps(report, indent=2, sort_keys=True).encode())
     if not cfg.output.keep_staging:
-        store.delete_prefix(f"{curation.WORK}/stage")
+        _drop_staged_samples(store)
     return report
 
 
@@ -230,5 +249,22 @@ def format_report(report: dict) -> str:
     lines.append(f"{'throughput':<{width}}{throughput['samples_per_s']:>10} samples/s over {throughput['wall_s']} s")
     lines.append(f"report: {report['output'].rstrip('/')}/{REPORT_KEY}")
     return "\n".join(lines)
+
+
+class KeptTooFew(Exception):
+    """The job ran and wrote its report, but kept nothing, or under min_kept_fraction of its input."""
+
+
+def check_kept(report: dict, cfg: CurateConfig) -> None:
+    """Raise KeptTooFew (one line: counts, top reject reasons, the report) when the job kept too few:
+    an empty output is almost always wrong input or settings, and must not pass as success."""
+    kept, total = report["samples_kept"], report["samples_in"]
+    if kept > 0 and kept >= cfg.min_kept_fraction * total:
+        return
+    top = sorted(report["rejected"].items(), key=lambda item: (-item[1], item[0]))[:3]
+    reasons = f"top rejects: {', '.join(f'{reason} {count}' for reason, count in top)}" if top else "nothing rejected"
+    floor = f", under min_kept_fraction {cfg.min_kept_fraction}" if kept else ""
+    raise KeptTooFew(f"kept {kept} of {total} samples{floor}; {reasons}; report: "
+                     f"{report['output'].rstrip('/')}/{REPORT_KEY}")
 
 
