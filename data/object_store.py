@@ -156,7 +156,11 @@ class LocalStore:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         if self._path(key).resolve() != local.resolve():
-            shutil.copyfile(self._path(key), local)
+            # Copied beside the target and renamed: a process that has the old file mapped (weights
+            # opened with mmap) keeps its inode instead of seeing it rewritten under it (SIGBUS).
+            tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
+            shutil.copyfile(self._path(key), tmp)
+            os.replace(tmp, local)
         return local
 
     def exists(self, key: str) -> bool:

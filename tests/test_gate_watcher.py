@@ -11,6 +11,7 @@ import time
 import pytest
 
 from deco.data.object_store import open_store
+from deco.pipeline.evaluate import watcher as watcher_module
 from deco.pipeline.evaluate.watcher import CLAIMS, GateWatcher
 from deco.data.checksum import file_checksum
 from deco.pipeline.train.manifest import CheckpointRef, Manifest, write_manifest
@@ -120,3 +121,115 @@ def test_a_promotion_cut_short_by_a_crash_is_completed(tmp_path):
     cfg = load_gate_config("demo_32", FAST_GATE + [f"stage_uri={stage}", f"work_dir={tmp_path / 'w'}"])
     assert GateWatcher(cfg, watcher_id="me").poll_once() == []
     assert read_promoted(stage)["checkpoint_uri"] == checkpoint and claims(checkpoint) == []
+
+
+# Cheapest real evaluation: 6 prompts x 1 image, 1 sampler step, no reports beyond results.
+CHEAP_GATE = ["weights.source=file", "report.wandb=false", "report.html=false", "synthetic_per_task=1",
+              "generation.images_per_prompt=1", "generation.sampler.steps=1", "generation.batch_size=16", "poll_s=0.2"]
+
+
+def watch_command(stage: str, overrides: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "deco.pipeline.cli", "gate", "watch", "--stage", "demo_32", "--stage-uri", stage,
+            *extra] + [f"--set={o}" for o in overrides]
+
+
+@pytest.mark.parametrize("backend,watchers", [("local", 3), ("s3", 4)])
+def test_concurrent_watchers_on_one_stage_gate_each_checkpoint_exactly_once(backend, watchers, tmp_path, request):
+    """Several watcher processes started at once on one host with their default identities (as a new
+    user would): each checkpoint is evaluated once, by one claim, and none is rejected as unevaluable."""
+    stage = str(tmp_path / "stage") if backend == "local" else request.getfixturevalue("s3_bucket") + "/stage_32"
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    steps = (10, 20, 30, 40)
+    for step in steps:
+        write_checkpoint(stage, step, weights)
+    write_checkpoint(stage, 50, weights, manifest=False)              # unfinished: never looked at
+    overrides = CHEAP_GATE + [f"work_dir={tmp_path / 'work'}"]        # one host: one scratch folder, as users would
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 CPU cores
+    procs = [subprocess.Popen(watch_command(stage, overrides, "--max-polls", "3"), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(watchers)]
+    outs = [p.communicate(timeout=400) for p in procs]   # a hang guard: ~30 s on 2 idle cores
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reported = sorted(json.loads(line)["step"] for out, _ in outs for line in out.splitlines())
+    assert reported == list(steps), "\n".join(err[-2000:] for _, err in outs)   # each verdict made (and shown) once
+
+    uri = {step: f"{stage}/checkpoints/step_{step:08d}" for step in (*steps, 50)}
+    attempts = {step: [(c["attempt"], c["state"]) for c in claims(uri[step])] for step in (*steps, 50)}
+    assert attempts == {**{step: [(1, "done")] for step in steps}, 50: []}
+    for step in steps:
+        verdict = read_store_json(uri[step], VERDICT)
+        (claim,) = claims(uri[step])
+        assert verdict["error"] is None and not any("attempts failed" in r for r in verdict["reasons"])
+        assert verdict["evaluation"]["attempt"] == 1 and verdict["evaluation"]["watcher_id"] == claim["watcher_id"]
+    ids = {c["watcher_id"] for step in steps for c in claims(uri[step])}
+    assert all(i.startswith("demo_32@") for i in ids)
+    # Nothing is left to do; a poll also completes a promotion two concurrent ones may have left behind.
+    cfg = load_gate_config("demo_32", overrides + [f"stage_uri={stage}"])
+    assert GateWatcher(cfg).poll_once() == [] and sum(len(claims(uri[s])) for s in steps) == len(steps)
+    assert read_promoted(stage)["step"] == 40
+
+
+def test_a_stalled_watcher_taken_over_records_nothing(tmp_path):
+    """A watcher process frozen (SIGSTOP) past lease_s mid-evaluation: another watcher takes the
+    checkpoint over as attempt 2 and records its verdict; the frozen one, resumed, drops its result."""
+    stage = str(tmp_path / "stage")
+    checkpoint = write_checkpoint(stage, 10, tiny_weights(tmp_path / "w.safetensors"))
+    overrides = CHEAP_GATE + ["lease_s=6"]          # frozen within ~20 ms of its claim: seconds before its verdict
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    stalled = subprocess.Popen(watch_command(stage, overrides + [f"work_dir={tmp_path / 'a'}"], "--once"), cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not claims(checkpoint):
+        assert stalled.poll() is None, stalled.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the watcher never claimed step 10"
+        time.sleep(0.02)
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        (frozen,) = claims(checkpoint)
+        assert frozen["state"] == "running" and frozen["pid"] == stalled.pid
+        cfg = load_gate_config("demo_32", overrides + [f"stage_uri={stage}", f"work_dir={tmp_path / 'b'}"])
+        other = GateWatcher(cfg)
+        assert other.poll_once() == []                               # its heartbeat is fresh: left alone
+        time.sleep(max(0.0, frozen["heartbeat_unix"] + 6.2 - time.time()))
+        (verdict,) = other.poll_once()                               # stale: taken over as attempt 2
+        assert verdict["evaluation"] == {**verdict["evaluation"], "attempt": 2, "watcher_id": other.id}
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    out, err = stalled.communicate(timeout=120)
+    assert stalled.returncode == 0, err[-3000:]
+    assert out == "" and "taken over" in err                         # it reports and records nothing
+    assert [(c["attempt"], c["state"], c["watcher_id"]) for c in claims(checkpoint)] == [
+        (1, "superseded", frozen["watcher_id"]), (2, "done", other.id)]
+    assert read_store_json(checkpoint, VERDICT) == verdict and read_promoted(stage)["step"] == 10
+    assert other.poll_once() == [] and len(claims(checkpoint)) == 2
+
+
+def test_a_watcher_id_is_a_label_not_ownership_and_gone_or_interrupted_holders_are_replaced_at_once(tmp_path):
+    stage = str(tmp_path / "stage")
+    checkpoint = write_checkpoint(stage, 10, tiny_weights(tmp_path / "w.safetensors"))
+    open_store(checkpoint).delete_prefix("weights.safetensors")
+    write_manifest(checkpoint, Manifest(step=10, world_size=1, files={}))   # complete, but no weights: fails fast
+    store = open_store(checkpoint)
+    cfg = load_gate_config("demo_32", FAST_GATE + [f"stage_uri={stage}", f"work_dir={tmp_path / 'w'}",
+                                                   "lease_s=600", "max_attempts=5"])
+    # A live process (this one) holds attempt 1 under the id "w": another watcher given the same id leaves it.
+    live = {"watcher_id": "w", "token": "t", "attempt": 1, "state": "running", **watcher_module._PROCESS,
+            "heartbeat_unix": time.time()}
+    store.put_bytes(f"{CLAIMS}/0001.json", json.dumps(live).encode())
+    assert GateWatcher(cfg, watcher_id="w").poll_once() == [] and len(claims(checkpoint)) == 1
+    # Its process is gone (a watcher killed on this host): taken over at once, heartbeat fresh or not.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store.put_bytes(f"{CLAIMS}/0001.json", json.dumps({**live, "pid": gone.pid}).encode())
+    assert GateWatcher(cfg, watcher_id="w").poll_once() == []
+    assert [(c["attempt"], c["state"]) for c in claims(checkpoint)] == [(1, "running"), (2, "failed")]
+
+    def interrupted(ref):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):                                 # Ctrl-C / SIGTERM mid-evaluation
+        GateWatcher(cfg, weights_for=interrupted).poll_once()
+    assert claims(checkpoint)[-1]["state"] == "interrupted"
+    assert GateWatcher(cfg).poll_once() == []                              # redone at once, not after lease_s
+    assert [(c["attempt"], c["state"]) for c in claims(checkpoint)] == [
+        (1, "running"), (2, "failed"), (3, "interrupted"), (4, "failed")]

@@ -163,3 +163,18 @@ def test_store_and_key(tmp_path):
     (tmp_path / "d" / "k.json").write_bytes(b"1")
     store, key = store_and_key(str(tmp_path / "d" / "k.json"))
     assert key == "k.json" and store.get_bytes(key) == b"1"
+
+
+def test_get_file_replaces_the_target_instead_of_rewriting_it_in_place(tmp_path):
+    """A reader holding the old file (mmap of weights) keeps its bytes: the new copy is a new inode."""
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("w.bin", b"new" * 1000)
+    target = tmp_path / "local" / "w.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old" * 1000)
+    with open(target, "rb") as held:
+        before = target.stat().st_ino
+        store.get_file("w.bin", target)
+        assert held.read() == b"old" * 1000
+    assert target.read_bytes() == b"new" * 1000 and target.stat().st_ino != before
+    assert [p.name for p in target.parent.iterdir()] == ["w.bin"]

@@ -95,7 +95,11 @@ def register(commands) -> None:
     watch.add_argument("--stage", required=True, help="stage name; its gate config is configs/gates/<NAME>.yaml "
                                                       "unless --config says otherwise")
     watch.add_argument("--stage-uri", default=None, help="where the stage's checkpoints land (default: the config's)")
-    watch.add_argument("--watcher-id", default=None, help="this watcher's id (default <stage>@<host>); keep it on restart")
+    watch.add_argument("--watcher-id", default=None,
+                       help="a label for this watcher in claims, verdicts and logs (default "
+                            "<stage>@<host>:<pid>:<random>, unique per process). Run as many watchers as you like: "
+                            "ownership goes by each claim's token, not this id, so watchers given the same id "
+                            "still never take each other's running evaluations")
     watch.add_argument("--once", action="store_true", help="one poll, then exit")
     watch.add_argument("--max-polls", type=int, default=None, help="stop after this many polls")
     _config_flags(watch, "default: the --stage name")
@@ -224,9 +228,15 @@ def gate_watch(args) -> int:
                           "overall": (verdict.get("scores") or {}).get("overall"), "reasons": verdict["reasons"]}),
               flush=True)
 
+    import signal
+
+    def terminate(signum, frame):  # SIGTERM (systemd, Kubernetes, Slurm) ends a watcher as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         watcher.run(max_polls=1 if args.once else args.max_polls, on_verdict=show)
-    except KeyboardInterrupt:  # an evaluation cut here is redone by the next watcher with this id
+    except KeyboardInterrupt:  # an evaluation cut here is marked interrupted: the next watcher redoes it at once
         print("deco: watcher stopped", file=sys.stderr)
         return 130
     return 0

@@ -47,6 +47,11 @@ PROMOTED_FORMAT = "deco-gate-promoted/1"
 WeightsFor = Callable[[CheckpointRef], Path]
 
 
+class ClaimLost(RuntimeError):
+    """A watcher's evaluation no longer owns its checkpoint (its claim was taken over, or another
+    evaluation recorded the verdict first): its result is dropped, nothing is recorded."""
+
+
 # ---- storage records ---------------------------------------------------------------------------
 
 def create_exclusive(store, key: str, data: bytes) -> bool:
@@ -201,11 +206,14 @@ def _generate(cfg: GateConfig, weights: Path, prompts, prompts_file: Path, image
 
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: WeightsFor | None = None,
-                        detector=None, watcher_id: str = "manual", attempt: int = 1, force: bool = False) -> dict:
+                        detector=None, watcher_id: str = "manual", attempt: int = 1, force: bool = False,
+                        owns: Callable[[], bool] | None = None) -> dict:
     """Generate, score, report, decide and record one checkpoint; returns its verdict.
 
     The verdict is created exclusively: when another evaluation recorded one first, that one is
     returned and this one's result is dropped (unless force, which overwrites: a deliberate re-run).
+    `owns` (the watcher's claim check) is asked before anything is recorded; when it says no, or when
+    another verdict was recorded first, ClaimLost is raised instead.
     """
     from deco.pipeline.evaluate.geneval.detectors import build_detector
     from deco.pipeline.evaluate.geneval.prompts import prompts_digest, resolve_prompts, write_prompts
@@ -233,6 +241,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
     write_results(results, local / "results.jsonl")
     write_summary(summary, local / "summary.json")
     title = f"GenEval gate: {cfg.stage or stage_uri} step {ref.step}"
+    _check_owner(owns, ref)  # a watcher taken over must not overwrite the new owner's reports
     store = open_store(ref.uri)
     report = {"html": None, "results": join(ref.uri, GATE_DIR, "results.jsonl"),
               "summary": join(ref.uri, GATE_DIR, "summary.json"), "wandb": None}
@@ -267,22 +276,34 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
                        "started_unix": started, "finished_unix": time.time()},
         "error": None,
     }
-    verdict = record_verdict(stage_uri, cfg, ref, verdict, force)
+    verdict = record_verdict(stage_uri, cfg, ref, verdict, force, owns)
     if not cfg.keep_images:
         shutil.rmtree(images, ignore_errors=True)
     Path(local / "weights.safetensors").unlink(missing_ok=True)  # re-exportable, and large
     return verdict
 
 
-def record_verdict(stage_uri: str, cfg: GateConfig, ref: CheckpointRef, verdict: dict, force: bool = False) -> dict:
-    """Create the verdict (once), then promote when it says so; returns the verdict that stands."""
+def _check_owner(owns: Callable[[], bool] | None, ref: CheckpointRef) -> None:
+    if owns is not None and not owns():
+        raise ClaimLost(f"{ref.uri}: this evaluation's claim was taken over by another watcher (its heartbeat "
+                        "went stale): dropping its result")
+
+
+def record_verdict(stage_uri: str, cfg: GateConfig, ref: CheckpointRef, verdict: dict, force: bool = False,
+                   owns: Callable[[], bool] | None = None) -> dict:
+    """Create the verdict (once), then promote when it says so; returns the verdict that stands.
+    With `owns` (a watcher's evaluation): ClaimLost when the claim was lost or the verdict exists."""
     data = json.dumps(verdict, indent=2).encode()
     store = open_store(ref.uri)
     if force:
         store.put_bytes(VERDICT, data)
-    elif not create_exclusive(store, VERDICT, data):
-        log.warning("%s already has a verdict: keeping it, dropping this evaluation's", ref.uri)
-        verdict = read_verdict(ref.uri)
+    else:
+        _check_owner(owns, ref)
+        if not create_exclusive(store, VERDICT, data):
+            if owns is not None:
+                raise ClaimLost(f"{ref.uri} already has a verdict, recorded by another evaluation: dropping this one's")
+            log.warning("%s already has a verdict: keeping it, dropping this evaluation's", ref.uri)
+            verdict = read_verdict(ref.uri)
     if verdict["decision"] == "promote":
         promote(stage_uri, cfg.stage, ref, verdict)
     return verdict
