@@ -7,11 +7,26 @@
 - Plain `deco train` is a one-rank job.
 - `deco launch`: the multi-node command, for the deepspeed launcher with a hostfile or as an sbatch
   script (torchrun on every node, c10d rendezvous on the first).
+
+A rank that dies is named in one line on stderr ("rank 1 (pid 1234) was killed by SIGKILL"), here
+and, per node, under torchrun (`python -m deco.orchestration.launch -m torch.distributed.run ...`,
+what the sbatch script runs); the exit code is the rank's status, or 128 + N for signal N. A rank
+that exits 2 has already said why ("deco: error: ...") and is not reported twice.
+
+The sbatch script: every value that came from a user (run dir, config path, `--set` values) is
+shell-quoted, so it reaches the ranks as one literal argument. #SBATCH lines are read by sbatch, not
+by a shell, and cannot be quoted: they hold only numbers and plain tokens. A partition or time limit
+that is not a plain token is refused in one line, the job name (from the config file's name) has
+every other character replaced by `_`, and the job's output goes to `<run dir>/slurm-<job id>.out`
+through a quoted shell redirection (the run dir is created on the first node: there is no shared
+filesystem) instead of an `#SBATCH --output` line. Across nodes the deepspeed launcher goes through
+pdsh and a remote shell that gets the arguments unquoted: what that shell would misread is refused.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shlex
 import signal
 import socket
@@ -67,7 +82,8 @@ def _die_with_parent() -> None:
 
 
 def spawn_local(nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Run `argv` as `nproc` ranks of one job on this machine; returns the job's exit code."""
+    """Run `argv` as `nproc` ranks of one job on this machine; returns the job's exit code: 0, the
+    first failed rank's status, or 128 + N when it was killed by signal N."""
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
@@ -79,26 +95,51 @@ def spawn_local(nproc: int, argv: list[str], env: dict[str, str] | None = None) 
         procs.append(subprocess.Popen(argv, env=rank_env, preexec_fn=_die_with_parent))
 
     def forward(signum, _frame):
+        told.append(signum)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
+    told: list[int] = []  # the signals this launcher was sent and forwarded: the ranks' exits are expected
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _wait(procs)
+        return _wait(procs, told)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait(procs: list[subprocess.Popen]) -> int:
+def exit_code(returncode: int) -> int:
+    """A process's exit code as a shell reports it: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+# The CLI's exit status for "deco: error: ..." already printed (rank 0 says it; the others exit 2 quietly).
+REPORTED_ERROR = 2
+
+
+def _wait(procs: list[subprocess.Popen], told: list[int] = ()) -> int:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             # One rank is gone: the others would wait forever in their next collective.
+            rank, code = failed[0]
+            if not told and code != REPORTED_ERROR:
+                others = "; stopping the other ranks" if len(procs) > 1 else ""
+                print(f"deco: error: rank {rank} (pid {procs[rank].pid}) {how_it_ended(code)}{others}",
+                      file=sys.stderr, flush=True)
             _stop(procs)
-            return 128 - failed[0] if failed[0] < 0 else failed[0]  # killed by signal N: 128 + N
+            return exit_code(code)
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.2)
@@ -148,9 +189,31 @@ def read_hostfile(hostfile: str) -> dict[str, int]:
     return hosts
 
 
+# Across nodes the deepspeed launcher runs pdsh, which joins the arguments into one remote shell
+# command: one with a space is put in double quotes (only `"` escaped), any other goes in bare.
+# What survives that unchanged and runs nothing: no $ ` \ " % (pdsh's own %n, %h) ! or control
+# characters at all, and without a space only these.
+_PDSH_NEVER = set('$`\\"%!')
+_PDSH_BARE = re.compile(r"[\w@+=:,./-]+")
+
+
+def _check_pdsh_arg(arg: str, nodes: int) -> None:
+    bad = any(c in _PDSH_NEVER or not c.isprintable() for c in arg)
+    if bad or (" " not in arg and not _PDSH_BARE.fullmatch(arg)):
+        raise ValueError(f"{arg!r} cannot go through the deepspeed launcher to {nodes} nodes (its pdsh hands the "
+                         "arguments to a remote shell unquoted): leave out $ ` \\ \" % ! and control characters, "
+                         "and without a space anything but letters, digits and _ @ + = : , . / -; or use --slurm")
+
+
 def deepspeed_command(hostfile: str, train_args: list[str], master_port: int = 29500) -> list[str]:
-    """The deepspeed launcher reads the hosts and slots from `hostfile` and starts every rank."""
+    """The deepspeed launcher reads the hosts and slots from `hostfile` and starts every rank.
+
+    On one node it starts them without a shell; across nodes through pdsh and a remote shell, so
+    arguments that shell would read differently are refused (ValueError, one line)."""
     hosts = read_hostfile(hostfile)
+    if len(hosts) > 1:
+        for arg in train_args:
+            _check_pdsh_arg(arg, len(hosts))
     # `python -m deepspeed.launcher.runner` is the `deepspeed` command, without relying on PATH.
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile,
                "--master_port", str(master_port), "--no_local_rank"]
@@ -170,26 +233,91 @@ class SlurmJob:
     signal_before_end_s: int = 300  # SIGTERM this long before the time limit: the run checkpoints
 
 
+# What an #SBATCH line may carry: sbatch splits these lines itself (no shell quoting; whitespace,
+# quotes and `#` are its syntax, and a newline would start a directive of the user's choosing).
+DIRECTIVE_TOKEN = re.compile(r"[A-Za-z0-9_.,:+-]+")
+
+
+def _directive_value(flag: str, value: str) -> str:
+    if not DIRECTIVE_TOKEN.fullmatch(value):
+        raise ValueError(f"--{flag} {value!r} cannot go into an #SBATCH line: use letters, digits and _ . , : + - only")
+    return value
+
+
 def sbatch_script(job: SlurmJob, train_args: list[str], run_dir: str) -> str:
-    """One torchrun per node (c10d rendezvous on the first node), each starting gpus_per_node ranks."""
+    """One torchrun per node (c10d rendezvous on the first node), each starting gpus_per_node ranks.
+
+    #SBATCH lines hold only numbers and plain tokens; every user value below them is shell-quoted."""
     if job.nodes < 1 or job.gpus_per_node < 1:
         raise ValueError("--nodes and --gpus-per-node must be at least 1")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={job.gpus_per_node}",
-             f"#SBATCH --signal=TERM@{job.signal_before_end_s}", "#SBATCH --requeue",
-             f"#SBATCH --output={run_dir}/slurm-%j.out"]
+    if not (isinstance(job.master_port, int) and isinstance(job.signal_before_end_s, int)):
+        raise ValueError("master_port and signal_before_end_s must be integers")
+    job_name = re.sub(r"[^A-Za-z0-9_.-]", "_", job.job_name) or "deco-train"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={int(job.nodes)}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={int(job.gpus_per_node)}",
+             f"#SBATCH --signal=TERM@{job.signal_before_end_s}", "#SBATCH --requeue"]
     if job.partition:
-        lines.append(f"#SBATCH --partition={job.partition}")
+        lines.append(f"#SBATCH --partition={_directive_value('partition', job.partition)}")
     if job.time:
-        lines.append(f"#SBATCH --time={job.time}")
+        lines.append(f"#SBATCH --time={_directive_value('time', job.time)}")
     train = " ".join(shlex.quote(a) for a in train_args)
     lines += [
         "set -euo pipefail",
+        # The job's output in the run dir, on the first node (no shared filesystem: create it here).
+        f"run_dir={shlex.quote(run_dir)}",
+        'mkdir -p -- "$run_dir"',
+        'exec >>"$run_dir/slurm-$SLURM_JOB_ID.out" 2>&1',
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # Slurm's SIGTERM comes signal_before_end_s before the time limit; torchrun forwards it to the
+        # ranks, which checkpoint, and would SIGKILL them after its default 30 s.
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={job.signal_before_end_s}",
         # --resume auto in train_args: a requeued job continues from its newest complete checkpoint.
-        f"srun --kill-on-bad-exit=1 {shlex.quote(sys.executable)} -m torch.distributed.run "
-        f"--nnodes={job.nodes} --nproc_per_node={job.gpus_per_node} --rdzv_backend=c10d "
+        # torchrun runs inside our wrapper, which says which rank died and how in one line.
+        f"srun --kill-on-bad-exit=1 {shlex.quote(sys.executable)} -m deco.orchestration.launch "
+        f"-m torch.distributed.run --nnodes={job.nodes} --nproc_per_node={job.gpus_per_node} --rdzv_backend=c10d "
         f'--rdzv_endpoint="$head_node:{job.master_port}" --rdzv_id="$SLURM_JOB_ID" '
         f"-m deco.pipeline.cli {train}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def sbatch_command(script_path: str | Path) -> list[str]:
+    """What `deco launch --slurm` runs, and its --dry-run prints: every option is in the script."""
+    return ["sbatch", str(script_path)]
+
+
+def torchrun_node(argv: list[str]) -> int:
+    """`python -m deco.orchestration.launch -m torch.distributed.run ARGS`: torchrun on this node,
+    with its failures in one line instead of a traceback and a ChildFailedError table."""
+    if argv[:2] != ["-m", "torch.distributed.run"]:
+        print("usage: python -m deco.orchestration.launch -m torch.distributed.run TORCHRUN_ARGS", file=sys.stderr)
+        return 2
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    host = socket.gethostname()
+    try:
+        run(parse_args(argv[2:]))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()  # the root cause; the others were stopped because of it
+        print(f"deco: error: rank {rank} (local rank {failure.local_rank} on {host}, pid {failure.pid}) "
+              f"{how_it_ended(failure.exitcode)}; torchrun stopped the other ranks on this node",
+              file=sys.stderr, flush=True)
+        return exit_code(failure.exitcode)
+    except RendezvousError as err:
+        detail = f": {err}" if str(err) else ""
+        print(f"deco: error: torchrun on {host}: rendezvous failed ({type(err).__name__}{detail})",
+              file=sys.stderr, flush=True)
+        return 1
+    except SignalException as err:
+        # Slurm's SIGTERM before the time limit, or scancel: the ranks were told and have exited.
+        print(f"deco: torchrun on {host} stopped by {signal.Signals(err.sigval).name}; its ranks have exited",
+              file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_node(sys.argv[1:]))

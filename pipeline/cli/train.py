@@ -97,6 +97,7 @@ def run_train(args) -> int:
     world = world or single_process_world()
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{world.rank} %(name)s %(levelname)s: %(message)s")
+    from deco.pipeline.train.peers import PeerLostError, tell_launcher
     from deco.pipeline.train.trainer import NonFiniteLossError, train
     from deco.pipeline.train.config import load_train_config
 
@@ -114,36 +115,51 @@ def run_train(args) -> int:
         if world.rank == 0:
             print(f"deco: training stopped: {err}", file=sys.stderr)
         return 1
+    except PeerLostError as err:
+        # A rank or node is gone: the lowest rank still answering says so, in one line. Exit 2, as
+        # every "deco: error:" exit: the job has said why (launchers do not report it again).
+        tell_launcher(f"deco: error: {err}")
+        if err.report:
+            print(f"deco: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
-def run_launch(args) -> int:
-    from deco.orchestration.launch import SlurmJob, deepspeed_command, sbatch_script, train_argv
+def launch_plan(args) -> tuple[list[str], Path | None, str]:
+    """What `deco launch` does: (the argv it runs, the sbatch script it writes first or None, that
+    script's text). The launch runs exactly this and --dry-run prints exactly this."""
+    from deco.orchestration.launch import SlurmJob, deepspeed_command, sbatch_command, sbatch_script, train_argv
     from deco.pipeline.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, run_dir=args.run_dir)  # fail here, not on 64 nodes
     train_args = train_argv(args.config, cfg.run_dir, "auto", args.overrides)
-    if args.hostfile:
-        try:
-            command = deepspeed_command(args.hostfile, train_args)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if args.dry_run:
-            print(shlex.join(command))
-            return 0
-        return subprocess.call(command)
-    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
-                   job_name=f"deco-{Path(args.config).stem}")
     try:
+        if args.hostfile:
+            return deepspeed_command(args.hostfile, train_args), None, ""
+        job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                       time=args.time, job_name=f"deco-{Path(args.config).stem}")
         script = sbatch_script(job, train_args, cfg.run_dir)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if args.dry_run:
-        print(script, end="")
-        return 0
     path = Path(cfg.run_dir) / "launch.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    return subprocess.call(["sbatch", str(path)])
+    return sbatch_command(path), path, script
+
+
+def run_launch(args) -> int:
+    command, script_path, script = launch_plan(args)
+    if args.dry_run:  # starts nothing, writes nothing
+        if script_path is None:
+            print(shlex.join(command))
+        else:
+            # stdout: the script, byte for byte; stderr: the command, pasteable (the first line is a comment).
+            print(script, end="", flush=True)
+            print("# dry run, nothing written: the script above goes to the file this sbatch command names",
+                  file=sys.stderr)
+            print(shlex.join(command), file=sys.stderr)
+        return 0
+    if script_path is not None:
+        script_path.parent.mkdir(parents=True, exist_ok=True)
+        script_path.write_text(script)
+    return subprocess.call(command)
 
 
 def run_export(args) -> int:

@@ -49,6 +49,7 @@ from deco.pipeline.train.config import TrainConfig, train_config_from_yaml
 from deco.pipeline.train.manifest import CheckpointError
 from deco.pipeline.train.init_from import init_weights_file
 from deco.pipeline.train.metrics import MetricsLogger, memory_gib, peak_flops
+from deco.pipeline.train.peers import RankStatus, peer_failure
 from deco.pipeline.train.preflight import check_storage, rank0_decides
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ def sample_seed(seed: int, step: int, sample_id: str) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, world: DistWorld, resume: str = ""):
+    def __init__(self, cfg: TrainConfig, world: DistWorld, resume: str = "", status: RankStatus | None = None):
         self.cfg, self.world = cfg, world
+        # What this rank is doing, and every rank's liveness port: named when a collective fails.
+        self.status = status or RankStatus(world.rank, world.world_size, world.local_world_size)
         self.run_dir = Path(cfg.run_dir)
         self.stage_uri = cfg.checkpoint.uri or str(self.run_dir.resolve())
         clock = _Clock()
@@ -77,6 +80,7 @@ class Trainer:
         # 1. the job
         self.device = device_for(world.local_rank)
         init_distributed(cfg.engine, self.device)
+        self.status.publish()
         _seed_all(cfg.seed)
         self.precision = resolve_precision(cfg.engine, self.device)
         self.micro_batch = cfg.micro_batch(world.world_size)
@@ -121,6 +125,7 @@ class Trainer:
         self.corrupt_by_shard: dict[str, int] = {}  # bad samples skipped, per shard, all ranks
         self.last_saved_step = -1
         if self.resume_candidates:
+            self.status.activity = "start-up (restoring a checkpoint)"
             self._resume(self.resume_candidates, explicit=resume not in ("auto", ""))
         self.first_step = self.step + 1
         # A location that cannot hold one checkpoint fails now, not after hours of training.
@@ -143,6 +148,7 @@ class Trainer:
         try:
             while self.step < self.cfg.max_steps:
                 self.step += 1
+                self.status.activity = f"step {self.step}"
                 record, stop = self.train_step(self.step)
                 self.metrics.log_step(record)
                 if record["skipped_nonfinite"]:
@@ -295,6 +301,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> None:
+        self.status.activity = f"the checkpoint of step {self.step}"
         trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world.world_size,
                          "global_batch": self.cfg.global_batch, "micro_batch": self.micro_batch,
                          "nonfinite_steps": self.nonfinite_total, "corrupt_samples": self.corrupt_total,
@@ -354,6 +361,7 @@ class Trainer:
         from deco.model.sampling import SamplerConfig
         from deco.pipeline.sample import generate, save_grid
 
+        self.status.activity = f"the sample grid of step {self.step}"
         logging_cfg = self.cfg.logging
         sampler = SamplerConfig(steps=logging_cfg.sample_steps, cfg_scale=logging_cfg.sample_cfg,
                                 time_shift=logging_cfg.sample_time_shift)
@@ -398,8 +406,20 @@ def _gather_ids(ids: list[str], world_size: int) -> list[str]:
 
 
 def train(cfg: TrainConfig, world: DistWorld, resume: str = "") -> int:
-    """Run one rank of a training job; returns the process exit code."""
-    code = Trainer(cfg, world, resume).run()
-    dist.barrier()  # no rank leaves while another still uploads
+    """Run one rank of a training job; returns the process exit code. A collective that fails
+    because a rank is gone raises PeerLostError: one line naming that rank, not gloo's traceback."""
+    status = RankStatus(world.rank, world.world_size, world.local_world_size)
+    try:
+        code = Trainer(cfg, world, resume, status).run()
+        status.activity = "the final barrier"
+        dist.barrier()  # no rank leaves while another still uploads
+    except Exception as err:
+        cause = peer_failure(err) if world.world_size > 1 else None
+        if cause is None:
+            raise
+        # The loader's workers may be dying with the job: no second exception while this rank reports.
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise status.lost(cause) from None
     dist.destroy_process_group()
     return code
