@@ -3,7 +3,11 @@
 Two passes, so that the result does not depend on how the job was partitioned or in which order
 workers finished:
 1. per sample (anywhere, in parallel): `exact_key` (SHA-256 of the decoded pixels and the normalised
-   caption) and `phash` (64-bit DCT perceptual hash of the image);
+   caption) and `phash` (64-bit DCT perceptual hash of the image). Curation takes both from the
+   sample's smallest output image (its centre crop at the smallest resolution, before encoding):
+   what the shards hold, at a fraction of a full-size pass. Same source pixels give the same small
+   pixels, so exact duplicates stay exact; a lossless re-encode that is decoded differently (a large
+   JPEG drafted, the same pixels as PNG not) is caught as a near duplicate instead;
 2. once, over every sample's keys: `find_duplicates` keeps the smallest id of each exact group, then
    walks the survivors in id order and drops a sample whose hash is within `threshold` bits of an
    already kept one. The kept set therefore holds no two images within the threshold, and the same

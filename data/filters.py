@@ -14,10 +14,10 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 REASONS: dict[str, str] = {
     "source_unreadable": "an input file could not be read past this point (one row per file)",
@@ -43,7 +43,7 @@ REASONS: dict[str, str] = {
     "image_too_small": "shortest side below images.min_side",
     "image_aspect_ratio": "long side / short side above images.max_aspect_ratio",
     "clip_score_low": "image-caption CLIP similarity below clip.min_score",
-    "duplicate_exact": "same decoded pixels and normalised caption as a kept sample",
+    "duplicate_exact": "same pixels (of the smallest output image) and normalised caption as a kept sample",
     "duplicate_near": "perceptual hash within dedup.hamming_threshold bits of a kept sample",
     "processing_error": "an unexpected error while processing this sample (detail has it)",
 }
@@ -253,23 +253,89 @@ class ImageFilterConfig:
     max_pixels: int = 89_478_485   # PIL's decompression-bomb limit
 
 
-def decode_image(raw: bytes | None, max_pixels: int) -> Image.Image | Reject:
-    """Bytes -> RGB image (EXIF orientation applied, transparency over white), or the reason not."""
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does)
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_SWAPS_SIDES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                Image.Transpose.ROTATE_90)
+
+
+@dataclass
+class DecodedImage:
+    """A decoded image as stored, and what it takes to show it as the original.
+
+    `image` is RGB in the file's stored orientation, decoded at 1/`scale` of the stored size when a
+    JPEG was decoded in draft mode (DCT scaling). `width` x `height` is the ORIGINAL size, EXIF
+    orientation applied: what the size filters check and the shards record as orig_width/height.
+    `transpose` (from the EXIF orientation) still has to be applied to show it upright.
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    scale: float = 1.0
+    transpose: Image.Transpose | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """The original size in the stored orientation."""
+        return (self.height, self.width) if self.transpose in _SWAPS_SIDES else (self.width, self.height)
+
+    def oriented(self) -> Image.Image:
+        """The decoded image upright (at 1/scale of the original when drafted)."""
+        return self.image if self.transpose is None else self.image.transpose(self.transpose)
+
+
+def draft_scale(short_side: int, target: int | None) -> int:
+    """JPEG DCT-scaling factor (1, 2, 4 or 8) for a stored short side and the largest target size.
+
+    1/2 when the source is at least twice the target (the decode keeps at least the target's
+    pixels); 1/4 and 1/8 only while the decode keeps at least twice the target's pixels: their
+    block-wise scaling aliases more (measured on photo-like JPEGs against a full decode + Lanczos:
+    >= 43 dB PSNR at 1/2, 38-39 dB at 1/4 with under 2x left, >= 41 dB with 2x). The target is
+    then resampled from the reduced decode with the configured filter."""
+    if not target:
+        return 1
+    return next((s for s in (8, 4, 2) if short_side // s >= target * (1 if s == 2 else 2)), 1)
+
+
+def open_image(raw: bytes | None, max_pixels: int, draft_side: int | None = None) -> DecodedImage | Reject:
+    """Bytes -> DecodedImage (transparency over white), or the reason not.
+
+    With `draft_side`, a JPEG whose short side is at least twice `draft_side` is decoded at a
+    reduced scale (Image.draft: 1/2, 1/4 or 1/8, never below draft_side on the short side), which
+    skips most of the inverse DCT, upsampling and colour conversion work.
+    """
     if raw is None:
         return Reject("image_missing")
     if not raw:
         return Reject("image_undecodable", "zero bytes")
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > max_pixels:
-                return Reject("image_too_large", f"{image.width}x{image.height}")
+            stored = image.size
+            if stored[0] * stored[1] > max_pixels:
+                return Reject("image_too_large", f"{stored[0]}x{stored[1]}")
+            scale = 1.0
+            wanted = draft_scale(min(stored), draft_side)
+            if wanted > 1 and image.format == "JPEG":
+                drafted = image.draft(image.mode, (stored[0] // wanted, stored[1] // wanted))
+                if drafted is not None:  # (mode, box): the original spans box in decoded pixels
+                    scale = stored[0] / drafted[1][2]
             image.load()
-            image = ImageOps.exif_transpose(image)
+            transpose = ORIENTATION_TRANSPOSE.get(image.getexif().get(0x0112, 1))
+            width, height = (stored[1], stored[0]) if transpose in _SWAPS_SIDES else stored
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(canvas, rgba).convert("RGB")
-            return image.convert("RGB")
+                rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
+            else:
+                rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
+            return DecodedImage(rgb, width, height, scale, transpose)
     except Image.DecompressionBombError as err:
         return Reject("image_too_large", str(err)[:120])
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
@@ -278,6 +344,12 @@ def decode_image(raw: bytes | None, max_pixels: int) -> Image.Image | Reject:
         if "truncated" in message.lower():
             return Reject("image_truncated", message[:120])
         return Reject("image_undecodable", f"{type(err).__name__}: {message[:120]}")
+
+
+def decode_image(raw: bytes | None, max_pixels: int) -> Image.Image | Reject:
+    """Bytes -> RGB image (EXIF orientation applied, transparency over white), or the reason not."""
+    decoded = open_image(raw, max_pixels)
+    return decoded if isinstance(decoded, Reject) else decoded.oriented()
 
 
 def check_min_side(image: Image.Image, min_side: int) -> Reject | None:
@@ -295,91 +367,15 @@ class ImageFilters:
         self.cfg, self.min_side = cfg, min_side
 
     def check(self, raw: bytes | None) -> tuple[Image.Image | None, Reject | None]:
-        image = decode_image(raw, self.cfg.max_pixels)
-        if isinstance(image, Reject):
-            return None, image
-        reject = check_min_side(image, self.min_side) or check_aspect_ratio(image, self.cfg.max_aspect_ratio)
-        return (None, reject) if reject else (image, None)
+        decoded, reject = self.check_decoded(raw)
+        return (None, reject) if reject else (decoded.oriented(), None)
 
-
-# ------------------------------------------------------------------------------------------------
-# CLIP score (optional): a pluggable image-text scorer
-# ------------------------------------------------------------------------------------------------
-
-@dataclass(kw_only=True)
-class ClipFilterConfig:
-    enabled: bool = False
-    scorer: str = "clip"  # a name in SCORERS
-    path: str = ""        # local directory (or local hub cache id) of the scorer's weights
-    min_score: float = 0.28  # cosine similarity; DataComp's CLIP-score filters sit around 0.28-0.30
-    batch_size: int = 32
-    device: str = "cpu"
-
-
-class ImageTextScorer(Protocol):
-    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
-        """Similarity of each (image, caption) pair, shape (N,)."""
-
-
-class ClipScorer:
-    """Cosine similarity of CLIP image and text embeddings (Hugging Face CLIPModel, local weights)."""
-
-    def __init__(self, model, tokenizer, image_processor, device: str = "cpu"):
-        self.model = model.eval().to(device)
-        self.tokenizer, self.image_processor, self.device = tokenizer, image_processor, device
-
-    @classmethod
-    def from_config(cls, cfg: ClipFilterConfig) -> ClipScorer:
-        import transformers
-
-        from deco.model.text_encoder import from_pretrained_offline
-
-        model = from_pretrained_offline(transformers.CLIPModel, cfg.path, "CLIP scorer")
-        tokenizer = from_pretrained_offline(transformers.AutoTokenizer, cfg.path, "CLIP scorer")
-        if (Path(cfg.path) / "preprocessor_config.json").is_file():
-            processor = from_pretrained_offline(transformers.CLIPImageProcessor, cfg.path, "CLIP scorer")
-        else:
-            side = model.config.vision_config.image_size
-            processor = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        return cls(model, tokenizer, processor, cfg.device)
-
-    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
-        import torch
-
-        max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-        with torch.no_grad():
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-            tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            image_emb = self.model.get_image_features(pixel_values=pixels)
-            text_emb = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                    attention_mask=tokens["attention_mask"].to(self.device))
-            image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
-            text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
-            return (image_emb * text_emb).sum(-1).cpu().numpy()
-
-
-SCORERS: dict[str, Callable[[ClipFilterConfig], ImageTextScorer]] = {"clip": ClipScorer.from_config}
-
-
-def register_scorer(name: str, factory: Callable[[ClipFilterConfig], ImageTextScorer]) -> None:
-    """Make another scorer selectable as `clip.scorer: <name>` (registered in code, never from YAML)."""
-    SCORERS[name] = factory
-
-
-def build_scorer(cfg: ClipFilterConfig) -> ImageTextScorer:
-    if cfg.scorer not in SCORERS:
-        raise ValueError(f"clip.scorer {cfg.scorer!r} is not registered; known: {sorted(SCORERS)}")
-    return SCORERS[cfg.scorer](cfg)
-
-
-class ClipScoreFilter:
-    def __init__(self, scorer: ImageTextScorer, min_score: float, batch_size: int = 32):
-        self.scorer, self.min_score, self.batch_size = scorer, min_score, batch_size
-
-    def check_batch(self, images: list[Image.Image], captions: list[str]) -> list[Reject | None]:
-        results: list[Reject | None] = []
-        for start in range(0, len(images), self.batch_size):
-            scores = self.scorer.score(images[start:start + self.batch_size], captions[start:start + self.batch_size])
-            results.extend(Reject("clip_score_low", f"{s:.4f} < {self.min_score}") if s < self.min_score else None
-                           for s in np.asarray(scores, dtype=np.float64))
-        return results
+    def check_decoded(self, raw: bytes | None, draft_side: int | None = None) -> tuple[DecodedImage | None, Reject | None]:
+        """As check, without orienting the image: curation resamples the stored image and orients
+        only its small outputs. Sizes are checked on the original (EXIF-oriented) size, also when
+        `draft_side` lets a large JPEG decode at reduced scale (open_image)."""
+        decoded = open_image(raw, self.cfg.max_pixels, draft_side)
+        if isinstance(decoded, Reject):
+            return None, decoded
+        reject = check_min_side(decoded, self.min_side) or check_aspect_ratio(decoded, self.cfg.max_aspect_ratio)
+        return (None, reject) if reject else (decoded, None)

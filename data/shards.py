@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -201,3 +202,56 @@ def staged_samples(table: pa.Table, resolutions: list[int], drop: set[str]) -> I
             continue
         yield {"id": row["id"], "caption": row["caption"], "orig_width": row["orig_width"],
                "orig_height": row["orig_height"], "images": {r: row[f"image_{r}"] for r in resolutions}}
+
+
+# Samples per row group of a staged samples file: the stage pass holds one row group of encoded
+# images at a time, the write pass reads one at a time, so neither holds a whole partition.
+SAMPLES_ROW_GROUP = 32
+
+
+class StagedSamplesWriter:
+    """A partition's staged samples streamed into a local parquet file, one row group at a time,
+    then uploaded once (`upload`). The encoded images are stored as they are, uncompressed and
+    without dictionaries or statistics: JPEG and PNG bytes do not compress, and zstd over them only
+    costs CPU in both passes. Use as a context manager: the local file is removed on exit."""
+
+    def __init__(self, resolutions: list[int], row_group: int = SAMPLES_ROW_GROUP):
+        self.schema, self.row_group, self.count, self._rows = samples_schema(resolutions), row_group, 0, []
+        images = [name for name in self.schema.names if name.startswith("image_")]
+        handle, self.path = tempfile.mkstemp(prefix="deco-stage-", suffix=".parquet")
+        os.close(handle)
+        self._writer = pq.ParquetWriter(
+            self.path, self.schema, compression={n: "none" if n in images else "zstd" for n in self.schema.names},
+            use_dictionary=[n for n in self.schema.names if n not in images],
+            write_statistics=[n for n in self.schema.names if n not in images])
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self.count += 1
+        if len(self._rows) >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def upload(self, store, key: str) -> None:
+        self._flush()
+        self._writer.close()
+        store.put_file(key, self.path)
+
+    def __enter__(self) -> "StagedSamplesWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.close()  # idempotent
+        Path(self.path).unlink(missing_ok=True)
+
+
+def read_staged_samples(handle, resolutions: list[int], drop: set[str]) -> Iterator[dict]:
+    """Writer samples from a staged samples file (a seekable binary handle), one row group in memory
+    at a time, skipping ids in `drop`."""
+    reader = pq.ParquetFile(handle)
+    for group in range(reader.num_row_groups):
+        yield from staged_samples(reader.read_row_group(group), resolutions, drop)

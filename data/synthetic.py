@@ -347,3 +347,59 @@ def geneval_prompts() -> list[dict]:
                                                              {"class": b, "count": 1, "color": cb}],
                             "prompt": f"a photo of {article(ca)} {ca} {a} and {article(cb)} {cb} {b}"})
     return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# Photo-like JPEGs: the throughput benchmark's input (benchmarks/curate_throughput.py)
+# ------------------------------------------------------------------------------------------------
+
+PHOTO_SUBJECTS = ("an old red barn", "a small wooden boat", "a brown dog", "a tall lighthouse", "a yellow taxi",
+                  "a stone bridge", "a white horse", "a cup of coffee", "a mountain cabin", "a young woman",
+                  "a bicycle", "a flock of birds", "a green tractor", "a city street", "an orange cat")
+PHOTO_PLACES = ("next to a quiet lake", "in a snowy forest", "on a sandy beach", "under a cloudy sky",
+                "in front of an old house", "on a busy market square", "at the edge of a wheat field",
+                "beside a winding country road", "on a wooden table", "near the harbour")
+PHOTO_TIMES = ("at sunset", "in the early morning", "on a rainy afternoon", "during a summer evening",
+               "in the soft light of dawn", "on a bright winter day")
+
+
+def photo_like_image(seed: int, width: int = 768, height: int = 576) -> Image.Image:
+    """A deterministic stand-in for a natural photo: smooth colour gradients, soft-edged objects,
+    a mid-frequency texture and sensor-like noise (what a JPEG encoder and a Lanczos resize see in
+    real photos; flat synthetic scenes compress and resample unrealistically cheaply)."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    grid = rng.uniform(30, 225, size=(int(rng.integers(3, 6)), int(rng.integers(4, 8)), 3)).astype(np.uint8)
+    image = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 8))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(width / 25, width / 3), rng.uniform(height / 20, height / 3)
+        colour = tuple(int(c) for c in rng.integers(10, 246, size=3))
+        if rng.random() < 0.5:
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=colour)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 5))
+            draw.polygon([(float(cx + rx * np.cos(a)), float(cy + ry * np.sin(a))) for a in angles], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.7, 1.6))))
+    texture = Image.fromarray(rng.normal(128, 40, size=(max(1, height // 6), max(1, width // 6))).clip(0, 255).astype(np.uint8))
+    texture = np.asarray(texture.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16) - 128
+    noise = rng.normal(0, float(rng.uniform(1.5, 3.5)), size=(height, width)).astype(np.int16)
+    pixels = np.asarray(image, dtype=np.int16) + ((texture * int(rng.integers(2, 6))) // 10 + noise)[..., None]
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def photo_like_jpeg(seed: int, width: int = 768, height: int = 576, quality: int = 90) -> bytes:
+    """photo_like_image as a baseline JPEG (4:2:0): about 60-110 KB at 768x576, q90."""
+    import io
+
+    buffer = io.BytesIO()
+    photo_like_image(seed, width, height).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def photo_caption(seed: int) -> str:
+    """A short English caption, e.g. "a stone bridge beside a winding country road at sunset"."""
+    rng = random.Random(seed)
+    return f"{rng.choice(PHOTO_SUBJECTS)} {rng.choice(PHOTO_PLACES)} {rng.choice(PHOTO_TIMES)}"

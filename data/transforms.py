@@ -3,17 +3,33 @@ the optional text-embedding cache (frozen text encoder features of the valid tok
 
 The crop is the central min(w, h) square of the original, resampled straight to the target size
 (PIL's resize with a source box), so every resolution sees exactly the same region.
+
+Curation's fast path (`render`) decodes once for all resolutions and does less work per pixel:
+- a JPEG at least twice the largest resolution is decoded at 1/2 scale by the JPEG decoder's DCT
+  scaling (filters.open_image, draft mode; 1/4 and 1/8 while the decode keeps twice the target);
+- the stored image is resampled, and only the small outputs are turned upright (EXIF orientation);
+- where the crop is at least twice a resolution, Image.reduce box-averages it by an integer factor
+  first (2, or more while the reduced crop stays at least twice the target; on a drafted decode
+  only the latter), and the configured filter makes the final step. Measured on photo-like JPEGs
+  against resize_centre_crop of a full decode, after the q95 encode: 512 px from 768x576 is
+  identical, 256 px >= 43 dB PSNR, drafted sources from 1366x1024 to 4000x3000 >= 41 dB
+  (tests/test_transforms.py holds a 40 dB bound).
 """
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
 
+from deco.data.filters import DecodedImage
+
 RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
               "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
+# Filter support radius in source pixels at scale 1 (PIL's, less half a pixel as PIL's own reducing_gap uses it)
+SUPPORT = {"lanczos": 2.5, "bicubic": 1.5, "bilinear": 0.5, "box": 0.0}
 
 
 @dataclass(kw_only=True)
@@ -40,7 +56,8 @@ def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
 
 
 def resize_centre_crop(image: Image.Image, resolution: int, resample: str = "lanczos") -> Image.Image:
-    """Shortest side to `resolution`, centre crop to resolution x resolution, in one resampling."""
+    """Shortest side to `resolution`, centre crop to resolution x resolution, in one resampling of the
+    full image (the reference the fast path, `render`, is measured against)."""
     return image.resize((resolution, resolution), RESAMPLING[resample], box=centre_square(*image.size))
 
 
@@ -57,9 +74,46 @@ def image_extension(cfg: TransformConfig) -> str:
     return "png" if cfg.format == "png" else "jpg"
 
 
-def transform_image(image: Image.Image, cfg: TransformConfig) -> dict[int, bytes]:
-    """Encoded bytes per target resolution, all from the same decoded image."""
-    return {r: encode_image(resize_centre_crop(image, r, cfg.resample), cfg) for r in cfg.resolutions}
+def reduce_factor(crop_side: float, resolution: int, drafted: bool = False) -> int:
+    """Integer box reduction before the final filter: 2 when the reduced crop keeps at least the
+    target's pixels, more only while it stays at least twice the target (Pillow's reducing_gap=2).
+    On a drafted decode (already reduced by DCT scaling) only the latter: stacking both costs ~4 dB."""
+    ratio = crop_side / resolution
+    return max(1, int(ratio / 2)) if drafted or ratio < 2 else max(2, int(ratio / 2))
+
+
+def resample_square(image: Image.Image, box: tuple[float, float, float, float], resolution: int,
+                    resample: str = "lanczos", drafted: bool = False) -> Image.Image:
+    """The square `box` of `image` at resolution x resolution: Image.reduce by reduce_factor over the
+    box and the filter's support around it, then the configured filter on the reduced box."""
+    factor = reduce_factor(min(box[2] - box[0], box[3] - box[1]), resolution, drafted)
+    if factor > 1:
+        support = SUPPORT[resample] * (box[2] - box[0]) / resolution
+        region = (max(0, int(box[0] - support)), max(0, int(box[1] - support)),
+                  min(image.width, math.ceil(box[2] + support)), min(image.height, math.ceil(box[3] + support)))
+        image = image.reduce(factor, box=region)
+        box = ((box[0] - region[0]) / factor, (box[1] - region[1]) / factor,
+               (box[2] - region[0]) / factor, (box[3] - region[1]) / factor)
+    return image.resize((resolution, resolution), RESAMPLING[resample], box=box)
+
+
+def render(decoded: DecodedImage, cfg: TransformConfig) -> dict[int, Image.Image]:
+    """Every resolution's upright image from one decode (a filters.DecodedImage, possibly drafted)."""
+    left, top, right, bottom = centre_square(*decoded.stored_size)  # a centred square turns into itself
+    s = decoded.scale
+    box = (left / s, top / s, right / s, bottom / s)
+    out = {}
+    for r in cfg.resolutions:
+        small = resample_square(decoded.image, box, r, cfg.resample, drafted=s > 1)
+        out[r] = small if decoded.transpose is None else small.transpose(decoded.transpose)
+    return out
+
+
+def transform_image(image: Image.Image | DecodedImage, cfg: TransformConfig) -> dict[int, bytes]:
+    """Encoded bytes per target resolution, all from the same decoded image (upright, or a DecodedImage)."""
+    if isinstance(image, Image.Image):
+        image = DecodedImage(image, image.width, image.height)
+    return {r: encode_image(small, cfg) for r, small in render(image, cfg).items()}
 
 
 @dataclass(kw_only=True)

@@ -20,10 +20,11 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from deco.data import dedup, shards
-from deco.data.filters import CaptionFilters, ClipScoreFilter, ImageFilters, Reject, build_scorer
+from deco.data.clip_filter import ClipScoreFilter, build_scorer
+from deco.data.filters import CaptionFilters, ImageFilters, Reject
 from deco.data.object_store import open_store
 from deco.data.sources import Partition, read_partition
-from deco.data.transforms import TextEmbedder, image_extension, transform_image
+from deco.data.transforms import TextEmbedder, encode_image, image_extension, render
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +62,45 @@ def _built(kind: str, section: Any, build: Callable[[Any], Any]) -> Any:
 
 
 def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
-    """Pass 1 for one partition; returns its counts (also stored in its marker)."""
+    """Pass 1 for one partition; returns its counts (also stored in its marker).
+
+    Each image is decoded once for every resolution (a large JPEG at reduced scale: draft mode),
+    resampled to each resolution and encoded once; the encoded bytes go to the staged samples file,
+    streamed a row group at a time, and the write pass copies them into the shards unchanged. The
+    dedup keys (exact and perceptual) are taken from the smallest resolution's image, so that no
+    full-size pass is spent on hashing.
+    """
     started = time.perf_counter()
     store = open_store(output_uri)
     captions = _built("captions", cfg.captions, CaptionFilters)
     images = ImageFilters(cfg.images, cfg.min_side)
+    draft_side, key_resolution = max(cfg.transform.resolutions), min(cfg.transform.resolutions)
     clip = None
     if cfg.clip.enabled:
         clip = _built("clip", cfg.clip, lambda c: ClipScoreFilter(build_scorer(c), c.min_score, c.batch_size))
-    keys, samples, rejects, pending = [], [], [], []
+    keys, rejects, pending = [], [], []
     seen = 0
+    samples = shards.StagedSamplesWriter(cfg.transform.resolutions)
 
     def reject(position: int, sample_id: str, why: Reject) -> None:
         rejects.append({"id": sample_id, "reason": why.reason, "detail": why.detail, "position": position})
 
-    def accept(position: int, sample_id: str, caption: str, image) -> None:
+    def accept(position: int, sample_id: str, caption: str, decoded) -> None:
         try:
-            encoded = transform_image(image, cfg.transform)
-            keys.append({"id": sample_id, "exact_key": dedup.exact_key(image, caption),
-                         "phash": dedup.phash(image), "position": position})
+            small = render(decoded, cfg.transform)
+            key = {"id": sample_id, "exact_key": dedup.exact_key(small[key_resolution], caption),
+                   "phash": dedup.phash(small[key_resolution]), "position": position}
+            encoded = {r: encode_image(image, cfg.transform) for r, image in small.items()}
         except Exception as err:  # noqa: BLE001 - one odd image must not fail the partition
             reject(position, sample_id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
             return
-        samples.append({"id": sample_id, "caption": caption, "orig_width": image.width, "orig_height": image.height,
-                        **{f"image_{r}": data for r, data in encoded.items()}})
+        keys.append(key)
+        samples.add({"id": sample_id, "caption": caption, "orig_width": decoded.width, "orig_height": decoded.height,
+                     **{f"image_{r}": data for r, data in encoded.items()}})
 
     def score_pending() -> None:
         try:
-            verdicts = clip.check_batch([p[3] for p in pending], [p[2] for p in pending])
+            verdicts = clip.check_batch([p[3].oriented() for p in pending], [p[2] for p in pending])
         except Exception as err:  # noqa: BLE001 - a failed batch is counted, sample by sample
             failure = Reject("processing_error", f"clip: {type(err).__name__}: {str(err)[:160]}")
             verdicts = [failure] * len(pending)
@@ -99,32 +111,32 @@ def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
                 reject(position, sample_id, verdict)
         pending.clear()
 
-    for position, raw in enumerate(read_partition(partition, cfg.sources)):
-        seen += 1
-        try:
-            if raw.reject is not None:
-                reject(position, raw.id, raw.reject)
-                continue
-            caption, why = captions.check(raw.caption)
-            if why is None:
-                image, why = images.check(raw.image)
-            if why is not None:
-                reject(position, raw.id, why)
-            elif clip is not None:
-                pending.append((position, raw.id, caption, image))
-            else:
-                accept(position, raw.id, caption, image)
-        except Exception as err:  # noqa: BLE001 - counted and reported, never silently lost
-            log.warning("sample %s of %s: %s", raw.id, partition.name, err)
-            reject(position, raw.id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
-        if clip is not None and len(pending) >= clip.batch_size:
+    with samples:  # its local file goes whatever happens
+        for position, raw in enumerate(read_partition(partition, cfg.sources)):
+            seen += 1
+            try:
+                if raw.reject is not None:
+                    reject(position, raw.id, raw.reject)
+                    continue
+                caption, why = captions.check(raw.caption)
+                if why is None:
+                    image, why = images.check_decoded(raw.image, draft_side)
+                if why is not None:
+                    reject(position, raw.id, why)
+                elif clip is not None:
+                    pending.append((position, raw.id, caption, image))
+                else:
+                    accept(position, raw.id, caption, image)
+            except Exception as err:  # noqa: BLE001 - counted and reported, never silently lost
+                log.warning("sample %s of %s: %s", raw.id, partition.name, err)
+                reject(position, raw.id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
+            if clip is not None and len(pending) >= clip.batch_size:
+                score_pending()
+        if pending:
             score_pending()
-    if pending:
-        score_pending()
 
-    store.put_bytes(stage_key(partition.name, "keys.parquet"), shards.table_bytes(keys, KEYS_SCHEMA))
-    store.put_bytes(stage_key(partition.name, "samples.parquet"),
-                    shards.table_bytes(samples, shards.samples_schema(cfg.transform.resolutions)))
+        store.put_bytes(stage_key(partition.name, "keys.parquet"), shards.table_bytes(keys, KEYS_SCHEMA))
+        samples.upload(store, stage_key(partition.name, "samples.parquet"))
     store.put_bytes(stage_key(partition.name, "rejects.parquet"), shards.table_bytes(rejects, REJECTS_SCHEMA))
     rejected: dict[str, int] = {}
     for row in rejects:
@@ -147,22 +159,49 @@ def write_partition(partition: str, drop: list[str], cfg, output_uri: str) -> di
             for key in list(store.list(f"{r}/")):
                 if key.rsplit("/", 1)[-1].startswith(f"{partition}-"):
                     store.delete_prefix(key)
-    table = shards.read_table(store.get_bytes(stage_key(partition, "samples.parquet")))
-    samples = list(shards.staged_samples(table, resolutions, set(drop)))
-    with_emb = cfg.text_emb.enabled
-    if with_emb and samples:
-        embedder = _built("text_emb", cfg.text_emb, TextEmbedder)
-        for sample, emb in zip(samples, embedder.embed([s["caption"] for s in samples])):
-            sample["text_emb"], sample["text_emb_dim"] = emb, embedder.dim
-    if cfg.output.format == "mds":
-        stats = shards.write_mds_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb)
-    else:
-        stats = shards.write_webdataset_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb,
-                                                  image_extension(cfg.transform))
-    record = {"partition": partition, "kept": len(samples), "ids": [s["id"] for s in samples],
+    with_emb, ids = cfg.text_emb.enabled, []
+    # Streamed: one staged row group (and one text-embedding batch) in memory at a time; the encoded
+    # images go into the shards as the stage pass made them.
+    with store.open(stage_key(partition, "samples.parquet")) as handle:
+        samples = shards.read_staged_samples(handle, resolutions, set(drop))
+        if with_emb:
+            samples = _with_text_emb(samples, cfg.text_emb)
+        samples = _recording_ids(samples, ids)
+        if cfg.output.format == "mds":
+            stats = shards.write_mds_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb)
+        else:
+            stats = shards.write_webdataset_partition(output_uri, partition, samples, resolutions, cfg.output,
+                                                      with_emb, image_extension(cfg.transform))
+    record = {"partition": partition, "kept": len(ids), "ids": ids,
               "resolutions": {str(r): s for r, s in stats.items()}, "seconds": round(time.perf_counter() - started, 3)}
     store.put_bytes(written_key(partition), json.dumps(record, sort_keys=True).encode())
     return record
+
+
+def _recording_ids(samples: Iterable[dict], ids: list[str]) -> Iterator[dict]:
+    for sample in samples:
+        ids.append(sample["id"])
+        yield sample
+
+
+def _with_text_emb(samples: Iterable[dict], cfg) -> Iterator[dict]:
+    """Samples with their text embeddings, embedded batch_size captions at a time (the encoder is
+    built on the first batch: a partition that keeps nothing never loads it)."""
+    batch: list[dict] = []
+
+    def embedded() -> Iterator[dict]:
+        embedder = _built("text_emb", cfg, TextEmbedder)
+        for sample, emb in zip(batch, embedder.embed([s["caption"] for s in batch])):
+            sample["text_emb"], sample["text_emb_dim"] = emb, embedder.dim
+            yield sample
+
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) >= cfg.batch_size:
+            yield from embedded()
+            batch = []
+    if batch:
+        yield from embedded()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,8 +247,9 @@ def run_ray(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bo
             num_gpus: float = 0.0, max_in_flight: int) -> Iterator[dict]:
     """One Ray task per call, at most `max_in_flight` at once; results in completion order.
 
-    Tasks are retried when their worker dies (max_retries) and on connection errors; any other
-    error stops the pass and is raised here as its original exception.
+    Tasks are retried when their worker or node dies (max_retries; on another node if need be) and
+    on connection errors; any other error stops the pass and is raised here as its original
+    exception, and a task lost past its retries as ClusterError, in one line.
     """
     import ray
 
@@ -227,6 +267,10 @@ def run_ray(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bo
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
                 raise (cause if isinstance(cause, BaseException) else err) from None
+            except ray.exceptions.RayError as err:  # its node or worker died past max_retries
+                from deco.orchestration.ray_cluster import lost_work
+
+                raise lost_work(err, desc) from None
             bar.done(result)
             yield result
     finally:

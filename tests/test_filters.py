@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from deco.data.clip_filter import ClipFilterConfig, ClipScoreFilter, build_scorer, register_scorer
 from deco.data.filters import (REASONS, BlocklistFilter, BoilerplateFilter, CaptionFilterConfig, CaptionFilters,
-                               ClipFilterConfig, ClipScoreFilter, ImageFilterConfig, ImageFilters, LanguageConfig,
-                               LanguageFilter, Reject, build_scorer, decode_caption, decode_image, normalise_caption,
-                               register_scorer, DEFAULT_BOILERPLATE)
+                               ImageFilterConfig, ImageFilters, LanguageConfig,
+                               LanguageFilter, Reject, decode_caption, decode_image, normalise_caption,
+                               DEFAULT_BOILERPLATE)
 from deco.data.synthetic import synthetic_scenes
 from deco.data.synthetic_faults import BOILERPLATE, FOREIGN
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deco.data.dedup import DedupConfig
-from deco.data.filters import CaptionFilterConfig, ClipFilterConfig, ImageFilterConfig
+from deco.data.clip_filter import ClipFilterConfig
+from deco.data.filters import CaptionFilterConfig, ImageFilterConfig
 from deco.data.shards import ShardOutputConfig
 from deco.data.sources import SourceConfig
 from deco.data.transforms import TextEmbeddingConfig, TransformConfig
