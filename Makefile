@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-cluster demo bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not cluster" $(PYTEST_ARGS)
+
+# Several "nodes" on this machine (a 2-node Ray cluster, 2 torchrun nodes with no shared files):
+# minutes of wall time each, so apart from `make test`; .ci/run runs both.
+test-cluster: setup
+	$(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/deco demo

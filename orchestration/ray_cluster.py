@@ -2,7 +2,11 @@
 
 Local clusters use the settings measured on our machines (design.md): token auth off and the
 cluster kept on 127.0.0.1, a bounded object store, no dashboard. A real cluster comes from
-`address` ("auto", "host:6379" or "ray://host:10001") or, when that is empty, from RAY_ADDRESS.
+`address` ("auto", "host:6379" or "ray://host:10001") or, when that is empty, from RAY_ADDRESS;
+connecting sets none of the local settings (a cluster's token auth stands).
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps a local cluster on the loopback, also stops
+`ray start --address` adding a node: a multi-node cluster's nodes run without it
+(tests/test_cluster_ray.py).
 If this process is already connected to Ray (a test fixture, a notebook), that connection is used
 and left open.
 """
@@ -23,6 +27,18 @@ LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "
 # since a job's runtime_env is visible to everyone on the cluster.
 FORWARDED_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class ClusterError(ConnectionError):
+    """Ray lost work it could not redo (a node or worker died more often than tasks are retried):
+    said in one line; the same command resumes, since every finished partition is kept."""
+
+
+def lost_work(err: BaseException, desc: str) -> ClusterError:
+    """`err`, a Ray system error (not a task's own exception), as one line for the user."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return ClusterError(f"the {desc} pass lost a Ray task ({type(err).__name__}: {first[:200]}); "
+                        "rerun the same command to resume: finished partitions are kept")
 
 
 @dataclass(kw_only=True)
@@ -80,8 +96,9 @@ def ray_cluster(cfg: RayConfig) -> Iterator[ClusterInfo]:
         yield ClusterInfo(ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU", 0), False)
         return
     address = resolved_address(cfg)
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
+    if not address:  # a named cluster's own settings stand: its auth mode (token), its node IPs
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
     common = {"logging_level": logging.WARNING, "log_to_driver": cfg.log_to_driver,
               "runtime_env": {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
     try:

@@ -80,6 +80,21 @@ def _normalised(uri: str) -> str:
     return (uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())) + "/"
 
 
+def _for_tasks(cfg: CurateConfig) -> CurateConfig:
+    """The settings the Ray tasks get: no path that only this machine (or its working directory)
+    has. A task runs on any node, in that node's working directory: a relative output folder is
+    made absolute, and a blocklist file is read here, its terms passed on in captions.blocklist."""
+    from deco.data.filters import read_blocklist
+
+    captions = cfg.captions
+    if captions.blocklist_file:
+        captions = dataclasses.replace(captions, blocklist=[*captions.blocklist, *read_blocklist(captions.blocklist_file)],
+                                       blocklist_file="")
+    output = cfg.output if is_s3(cfg.output.uri) else dataclasses.replace(
+        cfg.output, uri=str(Path(cfg.output.uri).expanduser().resolve()))
+    return dataclasses.replace(cfg, captions=captions, output=output)
+
+
 def _drop_staged_samples(store) -> None:
     """After a finished run: staged samples (the resized images) go; the keys, rejects and markers
     stay (about 70 bytes a sample), so that inputs added later are deduplicated against these."""
@@ -192,6 +207,7 @@ def curate(cfg: CurateConfig) -> dict:
             _drop_staged_samples(store)
         return json.loads(store.get_bytes(REPORT_KEY)) | {"already_complete": True}
     timings = {}
+    task_cfg = _for_tasks(cfg)
     cluster = ray_cluster(cfg.ray) if cfg.execution == "ray" else contextlib.nullcontext(None)
     with cluster as info:
         # a finished run keeps its partitions' keys but not their samples: those are only restaged
@@ -200,7 +216,7 @@ def curate(cfg: CurateConfig) -> dict:
                       or (not store.exists(curation.written_key(p.name))
                           and not store.exists(curation.stage_key(p.name, "samples.parquet")))]
         tick = time.perf_counter()
-        for _ in curation.run_pass(curation.stage_partition, [(p, cfg, cfg.output.uri) for p in stage_todo],
+        for _ in curation.run_pass(curation.stage_partition, [(p, task_cfg, task_cfg.output.uri) for p in stage_todo],
                                    cfg, "stage", cpus=cfg.resources.stage_cpus):
             pass
         timings["stage_s"] = time.perf_counter() - tick
@@ -209,7 +225,7 @@ def curate(cfg: CurateConfig) -> dict:
         timings["dedup_s"] = time.perf_counter() - tick
         write_todo = [p for p in partitions if not store.exists(curation.written_key(p.name))]
         tick = time.perf_counter()
-        calls = [(p.name, drop[p.name], cfg, cfg.output.uri) for p in write_todo]
+        calls = [(p.name, drop[p.name], task_cfg, task_cfg.output.uri) for p in write_todo]
         for _ in curation.run_pass(curation.write_partition, calls, cfg, "write",
                                    cpus=cfg.resources.write_cpus, gpus=cfg.resources.write_gpus):
             pass
