@@ -267,7 +267,12 @@ def test_killing_the_worker_node_mid_job_loses_nothing(cluster, dataset, tmp_pat
     attempts = started() - stage_before
     print(f"worker killed with {at_kill}/8 partitions staged; first run rc {first.returncode} after {wall:.1f} s, "
           f"{attempts} stage attempts; stderr: {err.strip()[-600:]!r}")
-    assert at_kill < 8 and (attempts > 8 or first.returncode != 0)  # a task was lost, and redone
+    assert at_kill < 8
+    # Usually the worker's task is lost and redone on the head (attempts > 8) or the run fails in
+    # one line; the worker's task may also have written its marker between the last poll and the
+    # kill (seen once under load: attempts == 8, exit 0). Either way nothing may be lost: the
+    # output must be the reference's.
+    assert attempts >= 8 and (attempts > 8 or first.returncode != 0 or staged() == 8)
     if first.returncode != 0:
         lines = [line for line in err.strip().splitlines() if line.startswith("deco: error:")]
         assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
