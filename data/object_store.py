@@ -105,27 +105,27 @@ class LocalStore:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"{self.root} is not writable")
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def _complete_temporary(self, key: str, data: bytes) -> tuple[Path, str]:
+        """(the key's path, a hidden file beside it holding `data`, flushed to disk)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        return path, tmp.name
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path, tmp = self._complete_temporary(key, data)
+        os.replace(tmp, path)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if it does not exist; True when this call created it. Atomic: a complete
         hidden temporary file is hard-linked to the key (EEXIST: another writer won), so no reader and
         no racing writer ever sees a partial file."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
+        path, tmp = self._complete_temporary(key, data)
         try:
-            os.link(tmp.name, path)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
@@ -135,7 +135,7 @@ class LocalStore:
                                    f"need: use another filesystem for this store") from None
             raise
         finally:
-            os.unlink(tmp.name)
+            os.unlink(tmp)
 
     def get_bytes(self, key: str) -> bytes:
         try:

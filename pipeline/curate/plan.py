@@ -55,15 +55,22 @@ def _inputs_digest(partitions: list[dict]) -> str:
     return hashlib.sha256(json.dumps(sorted(_identity(p) for p in partitions)).encode()).hexdigest()[:16]
 
 
+def _unmatched(partitions: list[dict], others: list[dict]) -> list[dict]:
+    """The partitions (in order) that `others` does not plan identically, counted as a multiset."""
+    available = Counter(_identity(p) for p in others)
+    left = []
+    for p in partitions:
+        if available[_identity(p)] > 0:
+            available[_identity(p)] -= 1
+        else:
+            left.append(p)
+    return left
+
+
 def _changed(old: list[dict], current: list[dict]) -> list[str]:
     """The inputs of `old` partitions that `current` no longer plans identically: gone, or other rows/files."""
-    unmatched = Counter(_identity(p) for p in current)
-    lost = []
-    for p in old:
-        if unmatched[_identity(p)] > 0:
-            unmatched[_identity(p)] -= 1
-        else:
-            lost.append(p)
+    lost = _unmatched(old, current)
+    unmatched = Counter(_identity(p) for p in current) - Counter(_identity(p) for p in old)
     old_uris = {p["uri"] for p in old}
     grown = [p for p in current if p["uri"] in old_uris and unmatched[_identity(p)] > 0]
     now = {p["uri"] for p in current}
@@ -122,13 +129,7 @@ def plan_job(cfg: CurateConfig, store) -> Planned:
             resume = "rerun with the original inputs to resume it, or " if report is None else ""
             raise ConfigError(f"{where} holds {'an unfinished run of ' if report is None else ''}partitions of inputs "
                               f"that are gone or changed: {'; '.join(changed[:3])}{more}: {resume}{other_inputs}")
-        known = Counter(_identity(p) for p in recorded["partitions"])
-        added = []
-        for p in current:
-            if known[_identity(p)] > 0:
-                known[_identity(p)] -= 1
-            else:
-                added.append(p)
+        added = _unmatched(current, recorded["partitions"])
         runs = recorded.get("runs") or [{"inputs": None, "partitions": len(recorded["partitions"])}]
         plan = recorded | {"runs": runs, "fingerprint": fingerprint}
         if added:
