@@ -7,7 +7,6 @@ decode and geometry checks, the optional CLIP score, then the job-wide duplicate
 """
 from __future__ import annotations
 
-import functools
 import html
 import io
 import re
@@ -16,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from PIL import Image
+
+from deco.data.captions import LanguageConfig, LanguageRule, SpamConfig, SpamRules
+from deco.data.image_modes import WHITE, to_rgb
 
 REASONS: dict[str, str] = {
     "source_unreadable": "an input file could not be read past this point (one row per file)",
@@ -36,6 +37,14 @@ REASONS: dict[str, str] = {
     "caption_boilerplate": "caption matches a boilerplate pattern (file names, 'image may contain', ...)",
     "caption_blocklisted": "caption contains a blocklisted word or phrase",
     "caption_language": "caption confidently identified as a language not in captions.language.allowed",
+    # captions.spam.rules (patterns in data/captions.py SPAM_PATTERNS)
+    "caption_screenshot": "an operating system's screenshot name ('Screenshot 2021-03-04 at 10.22.11')",
+    "caption_filename": "a camera or image file name inside the caption (IMG_1234, DSC01234, beach.jpg)",
+    "caption_url": "a URL or web domain inside the caption (http://..., www..., shop.com)",
+    "caption_stock_photo": "a stock-photo agency or phrase ('stock photo', 'royalty free', Shutterstock): a watermarked preview",
+    "caption_shopping": "shop text: 'click here', 'buy now', 'add to cart', 'free shipping', '70% off', 'promo code'",
+    "caption_price": "a price ($50, €49.99, 120 EUR): a product listing",
+    "caption_shouting": "every cased letter upper case, in at least captions.spam.shouting_min_words words",
     "image_missing": "no image for the caption",
     "image_undecodable": "image bytes cannot be decoded",
     "image_truncated": "image data ends early",
@@ -43,10 +52,19 @@ REASONS: dict[str, str] = {
     "image_too_small": "shortest side below images.min_side",
     "image_aspect_ratio": "long side / short side above images.max_aspect_ratio",
     "clip_score_low": "image-caption CLIP similarity below clip.min_score",
+    "clip_score_missing": "clip.stored_score / stored_embeddings: the sample has no stored score (data/metadata.py)",
     "duplicate_exact": "same pixels (of the smallest output image) and normalised caption as a kept sample",
     "duplicate_near": "perceptual hash within dedup.hamming_threshold bits of a kept sample",
     "processing_error": "an unexpected error while processing this sample (detail has it)",
+    "takedown": "named by a takedown request (id or URL): removed, or never written (pipeline/curate/takedown.py)",
 }
+# Reason families: one code per configured metadata filter, `meta_<column>_<outcome>` (data/metadata.py).
+REASON_FAMILIES: dict[str, str] = {
+    "meta_<column>_below_min": "the sample's <column> value is below its metadata_filters min",
+    "meta_<column>_above_max": "the sample's <column> value is above its metadata_filters max",
+    "meta_<column>_missing": "the sample has no numeric <column> value and its filter says missing: reject",
+}
+_FAMILY_PATTERN = re.compile(r"meta_.+_(below_min|above_max|missing)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,7 @@ class Reject:
     detail: str = ""
 
     def __post_init__(self) -> None:
-        if self.reason not in REASONS:
+        if self.reason not in REASONS and not _FAMILY_PATTERN.fullmatch(self.reason):
             raise ValueError(f"unknown reject reason {self.reason!r}")
 
 
@@ -74,16 +92,6 @@ DEFAULT_BOILERPLATE = (
 
 
 @dataclass(kw_only=True)
-class LanguageConfig:
-    enabled: bool = True
-    allowed: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes langid knows
-    # Short captions carry too little evidence: only captions with at least this many words are judged.
-    min_words: int = 3
-    # Reject only when langid gives the allowed languages together at most 1 - min_confidence.
-    min_confidence: float = 0.9
-
-
-@dataclass(kw_only=True)
 class CaptionFilterConfig:
     normalise: bool = True  # unescape HTML, Unicode NFC, control characters to spaces, collapse spaces
     min_words: int = 2
@@ -95,6 +103,11 @@ class CaptionFilterConfig:
     blocklist: list[str] = field(default_factory=list)  # words or phrases, matched on word boundaries
     blocklist_file: str = ""  # a local text file, one word or phrase a line (# comments)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    spam: SpamConfig = field(default_factory=SpamConfig)
+
+    def validate(self) -> None:
+        self.language.validate()
+        self.spam.validate()
 
 
 def decode_caption(raw: bytes | str | None) -> str | Reject:
@@ -174,43 +187,20 @@ class BlocklistFilter:
         return Reject("caption_blocklisted", match.group(0)) if match else None
 
 
-@functools.lru_cache(maxsize=1)
-def _langid():
-    from langid.langid import LanguageIdentifier, model
-
-    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
-
-
-class LanguageFilter:
-    """langid (model shipped in the package) with a rule that spares short captions.
-
-    Very short captions such as "a photo of a red circle" are where language identification errs;
-    a caption is rejected only when it has at least `min_words` words and langid puts the allowed
-    languages' total probability at or below 1 - min_confidence.
-    """
-
-    def __init__(self, cfg: LanguageConfig):
-        self.cfg = cfg
-        self.allowed = set(cfg.allowed)
-
-    def probabilities(self, text: str) -> dict[str, float]:
-        """langid's normalised probability per language (its naive Bayes, computed sparsely)."""
-        identifier = _langid()
-        counts = identifier.instance2fv(text)
-        # langid's own rank() multiplies the whole uint32 feature vector into the (features x
-        # languages) table, converting the table on every call; a caption touches a few features.
-        active = np.flatnonzero(counts)
-        log_probs = counts[active].astype(np.float64) @ identifier.nb_ptc[active] + identifier.nb_pc
-        return dict(zip(map(str, identifier.nb_classes), map(float, identifier.norm_probs(log_probs))))
+class LanguageFilter(LanguageRule):
+    """caption_language: langid with evidence rules for short captions (data/captions.py says why)."""
 
     def __call__(self, text: str) -> Reject | None:
-        if not self.cfg.enabled or len(text.split()) < self.cfg.min_words:
-            return None
-        probabilities = self.probabilities(text)
-        if sum(probabilities.get(lang, 0.0) for lang in self.allowed) <= 1.0 - self.cfg.min_confidence:
-            top = max(probabilities, key=probabilities.get)
-            return Reject("caption_language", f"{top} p={probabilities[top]:.3f}")
-        return None
+        why = self.judge(text)
+        return Reject("caption_language", why) if why else None
+
+
+class SpamFilter(SpamRules):
+    """caption_<rule> for the first of captions.spam.rules that matches (data/captions.py)."""
+
+    def __call__(self, text: str) -> Reject | None:
+        hit = self.first_match(text)
+        return Reject(*hit) if hit else None
 
 
 class CaptionFilters:
@@ -224,6 +214,7 @@ class CaptionFilters:
             check_empty,
             BoilerplateFilter((DEFAULT_BOILERPLATE if cfg.boilerplate else ()) + tuple(cfg.boilerplate_patterns)),
             BlocklistFilter(terms),
+            SpamFilter(cfg.spam),
             lambda text: check_length(text, cfg),
             LanguageFilter(cfg.language),
         ]
@@ -251,6 +242,13 @@ class ImageFilterConfig:
     min_side: int | None = None
     max_aspect_ratio: float = 3.0  # DataComp's limit
     max_pixels: int = 89_478_485   # PIL's decompression-bomb limit
+    # Transparent pixels are composited over this RGB colour (data/image_modes.py), not dropped: the
+    # colour stored under alpha 0 is often garbage. White, as most text-to-image sets do.
+    background: tuple[int, int, int] = WHITE
+
+    def validate(self) -> None:
+        if len(self.background) != 3 or any(not 0 <= int(c) <= 255 for c in self.background):
+            raise ValueError(f"images.background must be three values in 0..255, got {list(self.background)}")
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does)
@@ -304,8 +302,10 @@ def draft_scale(short_side: int, target: int | None) -> int:
     return next((s for s in (8, 4, 2) if short_side // s >= target * (1 if s == 2 else 2)), 1)
 
 
-def open_image(raw: bytes | None, max_pixels: int, draft_side: int | None = None) -> DecodedImage | Reject:
-    """Bytes -> DecodedImage (transparency over white), or the reason not.
+def open_image(raw: bytes | None, max_pixels: int, draft_side: int | None = None,
+               background: tuple[int, int, int] = WHITE) -> DecodedImage | Reject:
+    """Bytes -> DecodedImage (any mode to 8-bit RGB, transparency over `background`: image_modes.to_rgb),
+    or the reason not.
 
     With `draft_side`, a JPEG whose short side is at least twice `draft_side` is decoded at a
     reduced scale (Image.draft: 1/2, 1/4 or 1/8, never below draft_side on the short side), which
@@ -329,13 +329,7 @@ def open_image(raw: bytes | None, max_pixels: int, draft_side: int | None = None
             image.load()
             transpose = ORIENTATION_TRANSPOSE.get(image.getexif().get(0x0112, 1))
             width, height = (stored[1], stored[0]) if transpose in _SWAPS_SIDES else stored
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
-            else:
-                rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
-            return DecodedImage(rgb, width, height, scale, transpose)
+            return DecodedImage(to_rgb(image, background), width, height, scale, transpose)
     except Image.DecompressionBombError as err:
         return Reject("image_too_large", str(err)[:120])
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
@@ -374,7 +368,7 @@ class ImageFilters:
         """As check, without orienting the image: curation resamples the stored image and orients
         only its small outputs. Sizes are checked on the original (EXIF-oriented) size, also when
         `draft_side` lets a large JPEG decode at reduced scale (open_image)."""
-        decoded = open_image(raw, self.cfg.max_pixels, draft_side)
+        decoded = open_image(raw, self.cfg.max_pixels, draft_side, self.cfg.background)
         if isinstance(decoded, Reject):
             return None, decoded
         reject = check_min_side(decoded, self.min_side) or check_aspect_ratio(decoded, self.cfg.max_aspect_ratio)

@@ -87,12 +87,15 @@ def test_language_rule_spares_every_clean_synthetic_caption():
 
 
 def test_language_probabilities_are_langids_own():
-    from deco.data.filters import _langid
+    from deco.data.captions import _langid
 
-    check = LanguageFilter(LanguageConfig())
+    every, candidates = LanguageFilter(LanguageConfig(candidates=[])), LanguageFilter(LanguageConfig())
     for text in ["a photo of a red circle and a blue square", *FOREIGN]:
-        ours, theirs = check.probabilities(text), dict(_langid().rank(text))
+        ours, theirs = every.probabilities(text), dict(_langid().rank(text))
         assert ours.keys() == theirs.keys() and max(abs(ours[k] - theirs[k]) for k in theirs) < 1e-9
+        # Restricted to candidates: langid's probabilities renormalised over them (its set_languages).
+        restricted, total = candidates.probabilities(text), sum(theirs[k] for k in candidates.candidates)
+        assert max(abs(restricted[k] - theirs[k] / total) for k in candidates.candidates) < 1e-9
 
 
 def png(image, **kw):
