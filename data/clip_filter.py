@@ -3,7 +3,7 @@ the config, never code named by a config) and the batch filter that rejects pair
 as `clip_score_low` (data/filters.py lists every reason)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -21,6 +21,22 @@ class ClipFilterConfig:
     min_score: float = 0.28  # cosine similarity; DataComp's CLIP-score filters sit around 0.28-0.30
     batch_size: int = 32
     device: str = "cpu"
+    # Reuse a score the dataset ships instead of running a model (no weights needed; scored from the
+    # sample's metadata before its image is fetched or decoded, data/metadata.py): a field holding it
+    # (LAION `similarity`, DataComp `clip_l14_similarity_score`), or the two .npz embeddings whose
+    # cosine it is (DataComp: [l14_img, l14_txt]). At most one of the two.
+    stored_score: str = ""
+    stored_embeddings: list[str] = field(default_factory=list)
+
+    @property
+    def stored(self) -> bool:
+        return bool(self.stored_score or self.stored_embeddings)
+
+    def validate(self) -> None:
+        if self.stored_embeddings and len(self.stored_embeddings) != 2:
+            raise ValueError(f"clip.stored_embeddings names two .npz arrays (image, text), got {self.stored_embeddings}")
+        if self.stored_score and self.stored_embeddings:
+            raise ValueError("set clip.stored_score or clip.stored_embeddings, not both")
 
 
 class ImageTextScorer(Protocol):

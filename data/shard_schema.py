@@ -3,18 +3,22 @@
 Layout written by curation under an output prefix (local path or s3://bucket/prefix):
 
     <output>/<resolution>/index.json + shard.*.mds.zstd   one MDS dataset per target resolution
+    (or, with aspect-ratio buckets, <output>/<resolution>/b<H>x<W>/ per bucket: data/buckets.py)
     <output>/curation_report.json                          counts per reason; samples_in = kept + rejected
     <output>/rejects.parquet                               id, reason, detail of every rejected sample
 
 Columns (mosaicml-streaming encodings):
     id           str      stable sample id from the source
-    image        bytes    encoded JPEG or PNG, already resized + centre-cropped to <resolution>
+    image        bytes    encoded JPEG or PNG, already resized + centre-cropped to <resolution> (or its bucket)
     caption      str      the (normalised) caption
-    width/height int      stored image size (== resolution)
+    width/height int      stored image size (== resolution, or the bucket's W and H)
     orig_width/orig_height int   size before resizing
     text_emb     bytes    OPTIONAL (text-embedding cache): frozen text-encoder features of the valid
                           tokens only, bfloat16 little-endian, row-major (tokens, text_emb_dim)
     text_emb_dim int      OPTIONAL, with text_emb
+    source       str      OPTIONAL (provenance, on by default): the input file the sample came from
+    <name>       json | str | float64 | int64   OPTIONAL: each provenance.columns entry (url, licence,
+                          scores: data/metadata.py), after the columns above
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ COLUMNS = {
 TEXT_EMB_COLUMNS = {"text_emb": "bytes", "text_emb_dim": "int"}
 
 
-def columns(with_text_emb: bool) -> dict[str, str]:
-    return {**COLUMNS, **(TEXT_EMB_COLUMNS if with_text_emb else {})}
+def columns(with_text_emb: bool, provenance: dict[str, str] | None = None) -> dict[str, str]:
+    """The MDS columns: `provenance` maps each provenance column to its type (MDS encodings of the
+    same names)."""
+    return {**COLUMNS, **(TEXT_EMB_COLUMNS if with_text_emb else {}), **(provenance or {})}
 
 
 def encode_text_emb(features: torch.Tensor) -> bytes:

@@ -23,6 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from deco.data.errors import ExpectedError
 from deco.data.filters import Reject
 from deco.data.object_store import store_and_key
 
@@ -34,8 +35,20 @@ if TYPE_CHECKING:
 MAX_VALUE_BYTES = 256 * 2**20
 
 
-class SourceError(ValueError):
+class SourceError(ExpectedError, ValueError):
     """An input is missing or not what its configuration says: the message says what to fix."""
+
+
+@dataclass
+class RawSample:
+    """One sample as a reader found it (read_partition checks its values)."""
+
+    id: str
+    image: bytes | None
+    caption: bytes | str | None
+    reject: Reject | None = None  # set when the sample is already known bad (fetch failed, ...)
+    meta: dict | None = None      # the source's other fields (data/metadata.py)
+    url: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,11 +137,18 @@ def _image_columns(reader, cfg) -> list[tuple[str, str]]:
     return found
 
 
-def parquet_layout(reader, uri: str, cfg, seen: dict) -> ParquetLayout:
+def parquet_layout(reader, uri: str, cfg, seen: dict, required: tuple[str, ...] = ()) -> ParquetLayout:
     """What one parquet file holds. `seen` remembers the image columns found per schema, so that
-    the files of one dataset cost one look at their values, not one each."""
+    the files of one dataset cost one look at their values, not one each. A `required` column (a
+    metadata filter's, matched in any case) that the file lacks is a SourceError naming the columns."""
     schema, rows = reader.schema_arrow, reader.metadata.num_rows
     names = schema.names
+    lowered = {name.lower() for name in names}
+    for column in required:
+        if column.lower() not in lowered:
+            close = difflib.get_close_matches(column.lower(), sorted(lowered), n=1, cutoff=0.6)
+            hint = f"; did you mean {next(n for n in names if n.lower() == close[0])!r}?" if close else ""
+            raise SourceError(f"{uri}: no column {column!r} for metadata_filters (columns: {_shown_names(names)}){hint}")
 
     def need(setting: str) -> None:
         column = getattr(cfg, setting)
@@ -185,9 +205,13 @@ def likely_column(setting: str, wanted: str, schema: pa.Schema) -> str | None:
     return close[0] if close else None
 
 
+def _shown_names(names: list[str]) -> list[str]:
+    return names if len(names) <= 20 else [*names[:20], f"... {len(names) - 20} more"]
+
+
 def missing_column(uri: str, setting: str, wanted: str, schema: pa.Schema) -> str:
     names = schema.names
-    shown = names if len(names) <= 20 else [*names[:20], f"... {len(names) - 20} more"]
+    shown = _shown_names(names)
     guess = likely_column(setting, wanted, schema)
     hint = f"did you mean {guess!r}? " if guess else ""
     return f"{uri}: no column {wanted!r} (columns: {shown}); {hint}set sources.{setting}"
@@ -328,7 +352,10 @@ def _rows(uri: str, start: int, stop: int, columns: list[str]) -> list[dict]:
     store, key = store_and_key(uri)
     with store.open(key) as handle:
         reader = pq.ParquetFile(handle)
-        wanted = [c for c in columns if c in reader.schema_arrow.names]
+        names = reader.schema_arrow.names
+        by_case = {name.lower(): name for name in names}  # metadata names match in any case
+        found = (c if c in names else by_case.get(c.lower()) for c in columns)
+        wanted = list(dict.fromkeys(c for c in found if c is not None))
         groups, first_row, group_start = [], None, 0
         for group in range(reader.num_row_groups):
             rows = reader.metadata.row_group(group).num_rows

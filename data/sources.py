@@ -5,12 +5,17 @@ The job is cut into deterministic partitions by `plan_sources` (sorted listings;
 partition, parquet and URL files are cut into row ranges, folders into runs of files), which also
 says what each input was read as and why (`inputs`: the report's and the console's). The format is
 chosen from what the files hold (data/source_formats.py); URLs are fetched only with format `urls`.
+Tars are read by data/source_tars.py.
 `read_partition` yields a partition's samples in a fixed order. Sample ids:
 
     webdataset  the sample key (member path without extensions); `<tar name>/<key>` with qualify_ids
     parquet     the `id_column` value, else `<file stem>:<row>`
     folder      the image path relative to the folder, without extension
     urls        the `id_column` value, else `<file stem>:<row>`
+
+Each sample also carries its source's metadata (`meta`: a parquet row's other columns, a tar sample's
+.json and .npz members) and url where it has one: data/metadata.py filters on them here, before an
+image is fetched (format `urls`) or decoded, and copies them into the shards as provenance.
 
 Data errors never stop the job: a missing caption or image is a sample with nothing there, an
 unreadable file becomes one `source_unreadable` sample, a file that ends early (a tar without its
@@ -20,26 +25,20 @@ before, and a sample with an unusable name or value a `bad_name` / `bad_value` r
 """
 from __future__ import annotations
 
-import gzip
-import importlib
-import json
 import os
 import posixpath
-import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from deco.data import source_formats
+from deco.data import metadata, source_formats
 from deco.data.filters import Reject
 from deco.data.http_fetch import HttpConfig, HttpFetcher
-from deco.data.source_formats import (SourceError, checked, describe_input, parquet_layout, printable_id, tar_stem,
-                                     watched_tarinfo)
+from deco.data.source_formats import (RawSample, SourceError, checked, describe_input, parquet_layout, printable_id,
+                                     tar_stem)
+from deco.data.source_tars import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, caption_from, read_webdataset
 from deco.data.object_store import Location, bucket_uri, is_s3, open_store, parse_uri, store_and_key
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-CAPTION_EXTENSIONS = ("txt", "caption")
 FORMATS = ("webdataset", "parquet", "folder", "urls")
 
 
@@ -84,14 +83,6 @@ class Partition:
     @classmethod
     def from_dict(cls, data: dict) -> Partition:
         return cls(**{**data, "items": tuple(tuple(i) for i in data["items"])})
-
-
-@dataclass
-class RawSample:
-    id: str
-    image: bytes | None
-    caption: bytes | str | None
-    reject: Reject | None = None  # set when the sample is already known bad (fetch failed, ...)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,11 +137,11 @@ def _extension(uri: str) -> str:
 # Planning
 # ------------------------------------------------------------------------------------------------
 
-def _parquet_layout(uri: str, cfg: SourceConfig, seen: dict) -> source_formats.ParquetLayout:
+def _parquet_layout(uri: str, cfg: SourceConfig, seen: dict, required: tuple[str, ...]) -> source_formats.ParquetLayout:
     import pyarrow.parquet as pq
 
     with open_binary(uri) as handle:  # buffered: a look at a column's first value reads one page, not its chunk
-        return parquet_layout(pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False), uri, cfg, seen)
+        return parquet_layout(pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False), uri, cfg, seen, required)
 
 
 def _folder_items(files: list[str]) -> list[tuple[str, str]]:
@@ -183,8 +174,9 @@ def plan_sources(cfg: SourceConfig) -> SourcePlan:
     return SourcePlan(partitions, describe_inputs(cfg, partitions))
 
 
-def plan_partitions(cfg: SourceConfig) -> list[Partition]:
-    """Deterministic partitions of every input, in input order then sorted listing order."""
+def plan_partitions(cfg: SourceConfig, required: tuple[str, ...] = ()) -> list[Partition]:
+    """Deterministic partitions of every input, in input order then sorted listing order. Every
+    parquet file must hold the `required` columns (the metadata filters'), in any case."""
     if not cfg.uris:
         raise SourceError("no input: set sources.uris in the config or pass --input")
     partitions: list[Partition] = []
@@ -213,7 +205,7 @@ def plan_partitions(cfg: SourceConfig) -> list[Partition]:
             elif kind in ("parquet", "urls"):
                 for path in parquets:
                     try:
-                        layout = _parquet_layout(path, cfg, layouts)
+                        layout = _parquet_layout(path, cfg, layouts, tuple(required))
                     except SourceError:
                         raise
                     except Exception as err:  # a corrupt file is counted, not fatal
@@ -250,93 +242,6 @@ def describe_inputs(cfg: SourceConfig, partitions: list[Partition]) -> list[dict
 # Reading
 # ------------------------------------------------------------------------------------------------
 
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    if mode != "rb":
-        raise ValueError("the s3 gopen handler only reads")
-    return open_binary(url)
-
-
-def register_s3_gopen() -> None:
-    """webdataset has no s3:// scheme: route it through our boto3 store (no s3fs)."""
-    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3
-
-
-def _caption_from(parts: dict[str, bytes]) -> bytes | str | None:
-    for ext in CAPTION_EXTENSIONS:
-        if ext in parts:
-            return parts[ext]
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if isinstance(meta, dict):
-            for key in ("caption", "text", "prompt"):
-                if isinstance(meta.get(key), str):
-                    return meta[key]
-    return None
-
-
-def _image_from(parts: dict[str, bytes]) -> bytes | None:
-    return next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
-
-
-def read_webdataset(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
-    from webdataset.tariterators import base_plus_ext
-
-    register_s3_gopen()
-    gopen = importlib.import_module("webdataset.gopen").gopen
-    name = posixpath.basename(partition.uri)
-    prefix = f"{tar_stem(name)}/" if cfg.qualify_ids else ""
-    key, parts, count, too_big, tar, ended = None, {}, 0, "", None, []
-
-    def sample() -> RawSample:
-        if too_big:
-            return RawSample(prefix + key, None, None, Reject("bad_value", too_big))
-        return RawSample(prefix + key, _image_from(parts), _caption_from(parts))
-
-    def lost(reason: str, what: str, at: int | None) -> RawSample:
-        # the sample in progress is counted here, not yielded: its members may be missing
-        where = f" at byte {at}" if at is not None else ""
-        rest = f"; sample {prefix + key!r} and any after it are lost" if key is not None else ""
-        return RawSample(f"{partition.uri}@{count}", None, None, Reject(reason, f"{name}: {what}{where}{rest}"))
-
-    try:
-        with gopen(partition.uri, "rb") as stream, \
-                tarfile.open(fileobj=stream, mode="r|*", tarinfo=watched_tarinfo(ended)) as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                base, ext = base_plus_ext(member.name)
-                if base is None or posixpath.basename(member.name).startswith("__"):
-                    continue
-                if base != key:
-                    if key is not None:
-                        yield sample()
-                        count += 1
-                    key, parts, too_big = base, {}, ""
-                if member.size > source_formats.MAX_VALUE_BYTES:  # left unread: the stream skips over it
-                    too_big = f"member {ext} is {member.size} bytes, over {source_formats.MAX_VALUE_BYTES}"
-                else:
-                    parts[ext.lower()] = tar.extractfile(member).read()
-                tar.members = []  # streaming: do not keep every header in memory
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        at = tar.fileobj.tell() if tar is not None else 0  # bytes of the (decompressed) archive read
-        if str(err) == "empty file":
-            yield lost("source_truncated", "is empty", None)
-        elif isinstance(err, EOFError) or str(err) == "unexpected end of data":
-            yield lost("source_truncated", "ends inside a member", at)
-        else:
-            yield lost("source_unreadable", f"{type(err).__name__}: {str(err)[:160]}", at)
-        return
-    if ended and isinstance(ended[-1], tarfile.InvalidHeaderError):
-        yield lost("source_unreadable", f"not a tar header ({ended[-1]})", tar.offset)
-    elif not ended or not isinstance(ended[-1], tarfile.EOFHeaderError):
-        yield lost("source_truncated", "ends without the end-of-archive marker", tar.fileobj.tell())
-    elif key is not None:
-        yield sample()
-
-
 def _row_id(row: dict, partition: Partition, cfg: SourceConfig, position: int) -> str:
     value = row.get(cfg.id_column)
     if isinstance(value, bytes):  # undecodable bytes travel as surrogates: read_partition escapes them
@@ -352,26 +257,41 @@ def _unreadable_rows(partition: Partition, err: Exception) -> Iterator[RawSample
         yield RawSample(f"{Path(partition.uri).stem}:{row}", None, None, why)
 
 
-def read_parquet(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
+def _url(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def read_parquet(partition: Partition, cfg: SourceConfig, columns: list[str] = ()) -> Iterator[RawSample]:
     image_column = partition.column or cfg.image_column
-    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop, [cfg.id_column, image_column, cfg.caption_column])
+    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop,
+                                       [cfg.id_column, image_column, cfg.caption_column, cfg.url_column, *columns])
     if isinstance(rows, Exception):
         yield from _unreadable_rows(partition, rows)
         return
     for position, row in enumerate(rows):  # values as found: read_partition checks their types and sizes
-        yield RawSample(_row_id(row, partition, cfg, position), row.get(image_column), row.get(cfg.caption_column))
+        image = row.pop(image_column, None)  # the row's other values are its metadata
+        yield RawSample(_row_id(row, partition, cfg, position), image, row.get(cfg.caption_column), meta=row,
+                        url=_url(metadata.lookup(row, cfg.url_column)))
 
 
-def read_urls(partition: Partition, cfg: SourceConfig, fetcher: HttpFetcher | None = None) -> Iterator[RawSample]:
-    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop, [cfg.id_column, cfg.url_column, cfg.caption_column])
+def read_urls(partition: Partition, cfg: SourceConfig, fetcher: HttpFetcher | None = None,
+              spec: metadata.MetadataSpec | None = None) -> Iterator[RawSample]:
+    """The rows' images fetched over HTTP; rows the metadata filters reject are never fetched."""
+    rows = source_formats.parquet_rows(partition.uri, partition.start, partition.stop,
+                                       [cfg.id_column, cfg.url_column, cfg.caption_column, *(spec.columns() if spec else ())])
     if isinstance(rows, Exception):
         yield from _unreadable_rows(partition, rows)
         return
-    fetcher = fetcher or HttpFetcher(cfg.http)
-    results = fetcher.fetch_all([row.get(cfg.url_column) or "" for row in rows])
-    for position, (row, result) in enumerate(zip(rows, results)):
-        reject = None if result.data is not None else Reject("fetch_failed", result.error)
-        yield RawSample(_row_id(row, partition, cfg, position), result.data, row.get(cfg.caption_column), reject)
+    verdicts = [spec.check(row) if spec else None for row in rows]
+    wanted = [metadata.lookup(row, cfg.url_column) or "" for row, why in zip(rows, verdicts) if why is None]
+    results = iter((fetcher or HttpFetcher(cfg.http)).fetch_all(wanted))
+    for position, (row, why) in enumerate(zip(rows, verdicts)):
+        data = None
+        if why is None:
+            result = next(results)
+            data, why = result.data, None if result.data is not None else Reject("fetch_failed", result.error)
+        yield RawSample(_row_id(row, partition, cfg, position), data, row.get(cfg.caption_column), why, meta=row,
+                        url=_url(metadata.lookup(row, cfg.url_column)))
 
 
 def read_folder(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
@@ -380,22 +300,32 @@ def read_folder(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
         anchor = image_uri or caption_uri
         relative = anchor[len(root) + 1:] if anchor.startswith(root + "/") else posixpath.basename(anchor)
         sample_id = relative.rsplit(".", 1)[0].replace(os.sep, "/")
-        caption = None
+        caption, meta = None, None
         if caption_uri:
             raw = read_bytes(caption_uri)
-            caption = _caption_from({_extension(caption_uri): raw}) if _extension(caption_uri) == "json" else raw
-        yield RawSample(sample_id, read_bytes(image_uri) if image_uri else None, caption)
+            caption = raw
+            if _extension(caption_uri) == "json":
+                caption, meta = caption_from({"json": raw}), metadata.sidecar_fields({"json": raw})
+        url = metadata.lookup(meta, "url")
+        yield RawSample(sample_id, read_bytes(image_uri) if image_uri else None, caption, meta=meta, url=_url(url))
 
 
-def read_partition(partition: Partition, cfg: SourceConfig) -> Iterator[RawSample]:
-    """The partition's samples, each with a printable id and values the filters take, or its reject."""
+def read_partition(partition: Partition, cfg: SourceConfig,
+                   spec: metadata.MetadataSpec | None = None) -> Iterator[RawSample]:
+    """The partition's samples, each with a printable id and values the filters take, or its reject:
+    source errors first, then the metadata filters of `spec` (URL lists: before the fetch)."""
     if partition.kind == "unreadable":
         samples = iter([RawSample(partition.uri, None, None, Reject("source_unreadable", partition.detail))])
+    elif partition.kind == "urls":
+        samples = read_urls(partition, cfg, spec=spec)
+    elif partition.kind == "parquet":
+        samples = read_parquet(partition, cfg, spec.columns() if spec else [])
     else:
-        readers = {"webdataset": read_webdataset, "parquet": read_parquet, "urls": read_urls, "folder": read_folder}
-        samples = readers[partition.kind](partition, cfg)
+        samples = {"webdataset": read_webdataset, "folder": read_folder}[partition.kind](partition, cfg)
     for raw in samples:
         sample_id, image, caption, why = checked(raw.id, raw.image, raw.caption)
         if raw.reject is not None:  # its detail may quote a file name: escaped as ids are
             why = Reject(raw.reject.reason, printable_id(raw.reject.detail)[0])
-        yield RawSample(sample_id, image, caption, why)
+        elif why is None and spec is not None and partition.kind != "urls":
+            why = spec.check(raw.meta)
+        yield RawSample(sample_id, image, caption, why, meta=raw.meta, url=raw.url)

@@ -250,7 +250,7 @@ def test_output_finished_before_keys_were_kept_gains_inputs_by_restaging(added, 
     before = {p: p.stat().st_mtime_ns for p in (legacy / "64").rglob("*") if p.is_file() and "p0000" in str(p)}
     again = run(old_inputs, legacy)
     assert again["already_complete"]
-    added_report = run([*old_inputs, root / "later" / "0b.tar"], legacy)
+    added_report = run([*old_inputs, root / "in" / "0b.tar"], legacy)  # the same file as `added`: same sources
     assert not added_report.get("already_complete") and added_report["partitions_resumed"] == 0
     for key in ("samples_in", "samples_kept", "rejected", "shards"):
         assert added_report[key] == second[key]

@@ -81,7 +81,7 @@ def test_webdataset_from_s3_through_the_gopen_handler(s3_bucket):
     write_synthetic_dataset(s3_bucket + "/wds", 30, 2, "webdataset", 0.0, per_file=30)
     _, samples = read_all(SourceConfig(uris=[s3_bucket + "/wds/shard-{00000..00000}.tar"]))
     assert [s.id for s in samples] == [f"{i:06d}" for i in range(30)]
-    assert importlib.import_module("webdataset.gopen").gopen_schemes["s3"].__module__ == "deco.data.sources"
+    assert importlib.import_module("webdataset.gopen").gopen_schemes["s3"].__module__ == "deco.data.source_tars"
 
 
 def test_a_tar_cut_inside_a_member_yields_what_it_can_and_one_truncated_sample(tmp_path):

@@ -1,4 +1,4 @@
-"""`deco data synth` (the synthetic dataset) and `deco curate` (the curation job)."""
+"""`deco data synth` (the synthetic dataset) and `deco curate` (the curation job, and takedowns from its output)."""
 from __future__ import annotations
 
 import json
@@ -20,8 +20,9 @@ def register(commands) -> None:
                        help="fraction of samples carrying a crawl fault (recorded in truth.jsonl)")
     synth.set_defaults(handler=synth_dataset)
 
-    curate = commands.add_parser("curate", help="filter, deduplicate and shard image-caption data on Ray")
-    curate.add_argument("--config", required=True, help="a configs/data/*.yaml file")
+    curate = commands.add_parser("curate", help="filter, deduplicate and shard image-caption data on Ray; "
+                                                 "--takedown FILE --output URI removes samples from an output")
+    curate.add_argument("--config", default=None, help="a configs/data/*.yaml file (required unless --takedown)")
     curate.add_argument("--input", dest="inputs", action="append", default=None, metavar="URI",
                         help="input file, folder or s3:// prefix (repeatable; replaces sources.uris)")
     curate.add_argument("--output", default=None, metavar="URI", help="output folder or s3://bucket/prefix")
@@ -29,6 +30,9 @@ def register(commands) -> None:
                         help="a running Ray cluster (host:port, ray://host:10001, auto); default: a local one")
     curate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set dedup.hamming_threshold=4 (repeatable)")
+    curate.add_argument("--takedown", default=None, metavar="FILE",
+                        help="a file of sample ids or URLs, one a line: remove them from the finished --output "
+                             "(and from every later run on it) instead of curating")
     curate.set_defaults(handler=run_curate)
 
 
@@ -45,22 +49,32 @@ def synth_dataset(args) -> int:
 
 
 def run_curate(args) -> int:
-    from deco.pipeline.curate.job import KeptTooFew, check_kept, format_report, load_curate_config
+    from deco.pipeline.curate.job import check_kept, format_report, load_curate_config
     from deco.pipeline.curate.job import curate as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.takedown is not None:
+        return run_takedown(args)
+    if args.config is None:
+        raise ConfigError("deco curate needs --config (or --takedown FILE --output URI)")
     cfg = load_curate_config(args.config, args.overrides, args.inputs, args.output, args.ray_address)
-    try:
-        report = run(cfg)
-    except ConnectionError as err:  # Ray cluster unreachable
-        print(f"deco: error: {err}", file=sys.stderr)
-        return 2
+    report = run(cfg)  # an unreachable Ray cluster is a ConnectionError: one line (cli/main.py)
     if report.get("already_complete"):
         print(f"{cfg.output.uri} is already complete; nothing to do", file=sys.stderr)
     print(format_report(report))
-    try:
-        check_kept(report, cfg)
-    except KeptTooFew as err:  # the report is written; the exit status says the output is not usable
-        print(f"deco: error: {err}", file=sys.stderr)
-        return 1
+    check_kept(report, cfg)  # KeptTooFew, exit 1: the report is written, but the output is not usable
+    return 0
+
+
+def run_takedown(args) -> int:
+    from deco.pipeline.curate.takedown import takedown
+
+    if not args.output:
+        raise ConfigError("--takedown needs --output: the curated output to remove the samples from")
+    extra = [flag for flag, value in (("--config", args.config), ("--input", args.inputs), ("--set", args.overrides),
+                                      ("--ray-address", args.ray_address)) if value]
+    if extra:
+        raise ConfigError(f"--takedown takes only --output; drop {', '.join(extra)}")
+    summary = takedown(args.output, args.takedown)
+    print(json.dumps(summary, indent=2))
     return 0

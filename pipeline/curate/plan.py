@@ -21,6 +21,16 @@ from deco.pipeline.curate.config import CurateConfig, output_fingerprint
 log = logging.getLogger(__name__)
 
 REPORT_KEY = "curation_report.json"
+REJECTS_KEY = "rejects.parquet"
+
+
+def rejects_file_schema():
+    """rejects.parquet: id, reason, detail, and where the sample was (partition, position)."""
+    import pyarrow as pa
+
+    from deco.data.shards import REJECTS_SCHEMA
+
+    return REJECTS_SCHEMA.append(pa.field("partition", pa.string())).append(pa.field("position", pa.int32()))
 
 
 @dataclasses.dataclass
@@ -88,7 +98,7 @@ def plan_job(cfg: CurateConfig, store) -> Planned:
     settings, are refused with one line. Complete only when the report covers exactly these inputs.
     """
     try:
-        current = [p.to_dict() for p in plan_partitions(cfg.sources)]
+        current = [p.to_dict() for p in plan_partitions(cfg.sources, cfg.metadata.required())]
     except SourceError as err:
         raise ConfigError(str(err)) from None
     fingerprint = _settings_fingerprint(cfg)
