@@ -1,14 +1,24 @@
 """Training data: MDS shards (data/shard_schema.py) streamed per rank with mosaicml-streaming.
 
 Each stream is a curation output (`<uri>/<resolution>/index.json`, local path or s3://) or an MDS
-dataset directory itself. Streams are copied shard by shard into a local cache as they are needed
-and mixed by proportion. Images are decoded and normalised to [-1, 1] in the loader's worker
-processes; cached text embeddings (bf16) are decoded there too, else the caption travels on to the
-trainer's frozen encoder.
+dataset directory itself. With `crop: buckets` each stream is a bucketed curation output instead
+(`<uri>/<resolution>/buckets.json`, data/buckets.py): every bucket becomes a streaming Stream of its
+own, and streaming's `per_stream` batching draws each global batch (one micro-batch on every rank)
+from a single bucket, so a batch stacks into one (B, 3, H, W) tensor. Streams are copied shard by
+shard into a local cache as they are needed and mixed by proportion. Images are decoded and
+normalised to [-1, 1] in the loader's worker processes; cached text embeddings (bf16) are decoded there too, else the caption travels on to the
+trainer's frozen encoder. Any other columns of a row (curation's provenance: source, url, licence,
+scores; data/metadata.py) pass through as the sample's `provenance` dict, the batch's list of them.
 
 Sample order is streaming's elastically deterministic order: with the global batch fixed, step k
 sees the same global set of samples whatever the number of ranks, nodes or workers, as long as the
 canonical node count stays the one fixed at the first launch (it is kept in the loader state).
+With buckets the same holds, and the bucket of each global batch comes from the same state: per
+epoch, streaming orders every bucket's full global batches by the shuffle seed and epoch alone
+(the batch counts per bucket do not depend on the world size), and a bucket's partial last batch
+is left out of that epoch. (Chosen over one loader per bucket with a schedule of our own: one
+loader, one resume state, no extra worker processes per bucket.) With engine.grad_accum > 1 each
+micro-batch is one bucket; the micro-batches of one step may come from different buckets.
 The loader state (epoch, samples seen) goes into every checkpoint; resuming continues at the exact
 next sample.
 
@@ -26,12 +36,14 @@ import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 
+from deco.data.buckets import INDEX as BUCKET_INDEX, read_bucket_index
+from deco.data.errors import DatasetError
 from deco.data.object_store import join, open_store
-from deco.data.shard_schema import decode_image, decode_text_emb, image_to_tensor
+from deco.data.shard_schema import COLUMNS, TEXT_EMB_COLUMNS, decode_image, decode_text_emb, image_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,9 @@ class StreamConfig:
 class DataConfig:
     streams: list[StreamConfig] = field(default_factory=list)
     resolution: int = 0          # 0 = the model's resolution; picks <uri>/<resolution>/
+    # "square": <uri>/<resolution>/ holds one dataset of centre crops (the paper). "buckets": the
+    # aspect-ratio buckets listed in <uri>/<resolution>/buckets.json, each global batch from one bucket.
+    crop: Literal["square", "buckets"] = "square"
     cache_dir: str = ""          # "" = <run_dir>/data_cache; local shard cache of remote streams
     shuffle: bool = True
     shuffle_algo: str = "py1e"
@@ -90,23 +105,40 @@ def resolve_stream_uri(uri: str, resolution: int) -> str:
         return join(uri, str(resolution))
     if store.exists("index.json"):
         return uri
+    if store.exists(f"{resolution}/{BUCKET_INDEX}"):
+        raise FileNotFoundError(f"{join(uri, str(resolution))} holds aspect-ratio buckets ({BUCKET_INDEX}), not "
+                                f"square crops: set data.crop=buckets")
     raise FileNotFoundError(f"no MDS dataset at {join(uri, str(resolution), 'index.json')} (curation writes one "
                             f"per resolution) nor at {join(uri, 'index.json')}")
 
 
-def decode_sample(raw: dict[str, Any], resolution: int) -> dict[str, Any]:
+def resolve_buckets(uri: str, resolution: int) -> list[tuple[str, tuple[int, int], int]]:
+    """(MDS dataset, (H, W), samples) of every bucket listed by `<uri>/<resolution>/buckets.json`
+    (curation's layout) or `<uri>/buckets.json`."""
+    store = open_store(uri)
+    for base, prefix in ((join(uri, str(resolution)), str(resolution)), (uri, "")):
+        if store.exists(f"{prefix}/{BUCKET_INDEX}" if prefix else BUCKET_INDEX):
+            return [(join(base, b["name"]), (int(b["height"]), int(b["width"])), int(b["samples"]))
+                    for b in read_bucket_index(store, prefix)]
+    raise FileNotFoundError(f"no aspect-ratio buckets at {join(uri, str(resolution), BUCKET_INDEX)} (curation "
+                            f"with transform.crop: buckets writes one) nor at {join(uri, BUCKET_INDEX)}")
+
+
+def decode_sample(raw: dict[str, Any], resolution: int | tuple[int, int]) -> dict[str, Any]:
     """Raw MDS row -> tensors. A sample that cannot be used keeps its id with `image` None and the
     reason in `error` (logged at debug level: the caller decides what to warn about)."""
     sample = {"id": str(raw["id"]), "caption": str(raw.get("caption") or ""), "image": None, "text_emb": None,
-              "error": None}
+              "error": None, "provenance": {k: v for k, v in raw.items() if k not in COLUMNS and k not in TEXT_EMB_COLUMNS}}
     try:
         image = decode_image(raw["image"])
     except Exception as err:  # PIL raises many types for broken files; the id is what matters
         sample["error"] = f"undecodable image ({err})"
         log.debug("sample %s: %s", sample["id"], sample["error"])
         return sample
-    if image.size != (resolution, resolution):
-        sample["error"] = f"image is {image.size[0]}x{image.size[1]}, expected {resolution} px"
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if image.size != (width, height):
+        expected = f"{resolution} px" if isinstance(resolution, int) else f"{width}x{height} (its bucket)"
+        sample["error"] = f"image is {image.size[0]}x{image.size[1]}, expected {expected}"
         log.debug("sample %s: %s", sample["id"], sample["error"])
         return sample
     if raw.get("text_emb") is not None and raw.get("text_emb_dim"):
@@ -130,6 +162,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "images": torch.stack([s["image"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "text_emb": [s["text_emb"] for s in samples],
+        "provenance": [s.get("provenance") or {} for s in samples],  # per sample: source, url, ... (if curated with)
         # The bad samples these slots were drawn for, with their shards, in slot order.
         "skipped": [skip for s in samples for skip, _ in s.get("skipped", ())],
         "skipped_shards": [shard for s in samples for _, shard in s.get("skipped", ())],
@@ -143,9 +176,10 @@ def _dataset_class():
         """StreamingDataset whose items are decoded in the loader worker that fetches them, a bad
         sample replaced by the next good one of its stream."""
 
-        def __init__(self, *, resolution: int, stream_labels: list[str], **kwargs):
+        def __init__(self, *, sizes: list[int | tuple[int, int]], stream_labels: list[str], **kwargs):
             super().__init__(**kwargs)
-            self.resolution, self.stream_labels = resolution, stream_labels
+            # each stream's image size: a square's side, or a bucket's (H, W)
+            self.sizes, self.stream_labels = sizes, stream_labels
             self._bad: dict[int, tuple[str, str]] = {}  # index -> (id, reason), known bad in this process
 
         def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -199,7 +233,8 @@ def _dataset_class():
             if index in self._bad:
                 return {"id": self._bad[index][0], "image": None, "error": self._bad[index][1]}
             try:
-                sample = decode_sample(super().get_item(index, retry), self.resolution)
+                stream = int(self.stream_per_shard[self.spanner[index][0]])
+                sample = decode_sample(super().get_item(index, retry), self.sizes[stream])
             except _ROW_ERRORS as err:
                 shard_id, row = self.spanner[index]
                 sample = {"id": f"{self.shards[shard_id].file_pairs[0][0].basename}#{row}", "image": None,
@@ -229,27 +264,64 @@ def cache_dir_for(cache_root: str | Path, uri: str, index: int, name: str) -> st
     return str(Path(cache_root) / f"{index:02d}-{name or 'stream'}-{digest}")
 
 
+def _bucket_parts(cfg: DataConfig, resolution: int, global_batch: int) -> list[tuple]:
+    """(remote, (H, W), proportion, label, cache name) of every bucket of every stream that holds a
+    full global batch (per_stream batching cannot use the others); a stream's proportion is split
+    over its buckets by their sizes."""
+    parts = []
+    for stream in cfg.streams:
+        buckets = resolve_buckets(stream.uri, resolution)
+        kept = [b for b in buckets if b[2] >= global_batch]
+        small = [f"{uri.rsplit('/', 1)[-1]} ({count})" for uri, _, count in buckets if count < global_batch]
+        if small:
+            log.warning("stream %s: buckets %s hold fewer samples than a global batch of %d; not trained on",
+                        stream.name or stream.uri, ", ".join(small), global_batch)
+        total = sum(count for *_, count in kept)
+        for uri, size, count in kept:
+            bucket = uri.rsplit("/", 1)[-1]
+            proportion = stream.proportion * count / total if stream.proportion > 0 else 0.0
+            cache_name = f"{stream.name}-{bucket}" if stream.name else bucket
+            parts.append((uri, size, proportion, f"{stream.name or stream.uri}/{bucket}", cache_name))
+    if not parts:
+        raise DatasetError(f"no bucket of {[s.uri for s in cfg.streams]} at {resolution} px holds a global batch of "
+                         f"{global_batch} samples")
+    return parts
+
+
 class TrainLoader:
     """Endless iterator of batches over epochs, with streaming's exact-resume state."""
 
     def __init__(self, cfg: DataConfig, resolution: int, batch_size: int, cache_root: str | Path,
-                 pin_memory: bool = False):
-        """`pin_memory`: batches in page-locked memory, so the copy to a GPU can be asynchronous."""
+                 pin_memory: bool = False, *, world_size: int = 1, multiple: int = 1):
+        """`pin_memory`: batches in page-locked memory, so the copy to a GPU can be asynchronous.
+        `world_size` (ranks): with buckets, one too small for a global batch is left out.
+        `multiple` (the model's patch): every image side must be one."""
         from streaming import Stream, StreamingDataLoader
 
         self.cfg, self.resolution, self.batch_size = cfg, resolution, batch_size
         streams, labels = [], []
-        for index, stream in enumerate(cfg.streams):
-            remote = resolve_stream_uri(stream.uri, resolution)
+        if cfg.crop == "buckets":
+            parts = _bucket_parts(cfg, resolution, batch_size * world_size)
+        else:  # (remote, size, proportion, label, cache name)
+            parts = [(resolve_stream_uri(s.uri, resolution), resolution, s.proportion, s.name or s.uri, s.name)
+                     for s in cfg.streams]
+        self.sizes = []  # (H, W) of each streaming Stream's images
+        for index, (remote, size, proportion, label, name) in enumerate(parts):
             # Local remotes are copied into the cache too: streaming writes decompressed shards next
             # to the index it reads, and a curation output must stay untouched (and may be shared).
-            kwargs = {"remote": remote, "local": cache_dir_for(cache_root, remote, index, stream.name)}
-            if stream.proportion > 0:
-                kwargs["proportion"] = stream.proportion
+            kwargs = {"remote": remote, "local": cache_dir_for(cache_root, remote, index, name)}
+            if proportion > 0:
+                kwargs["proportion"] = proportion
             streams.append(Stream(**kwargs))
-            labels.append(stream.name or stream.uri)
+            labels.append(label)
+            self.sizes.append((size, size) if isinstance(size, int) else size)
+        odd = sorted({hw for hw in self.sizes if hw[0] % multiple or hw[1] % multiple})
+        if odd:
+            raise DatasetError(f"images of {', '.join(f'{h}x{w}' for h, w in odd)} (HxW) are not whole patches of "
+                             f"{multiple} px: curate with transform.buckets.multiple={multiple}")
         self.dataset = _dataset_class()(
-            resolution=resolution, stream_labels=labels, streams=streams, batch_size=batch_size, shuffle=cfg.shuffle,
+            sizes=[size for _, size, *_ in parts], stream_labels=labels, streams=streams, batch_size=batch_size,
+            batching_method="per_stream" if cfg.crop == "buckets" else "random", shuffle=cfg.shuffle,
             shuffle_algo=cfg.shuffle_algo, shuffle_seed=cfg.shuffle_seed,
             shuffle_block_size=cfg.shuffle_block_size or None,
             num_canonical_nodes=cfg.num_canonical_nodes or None, partition_algo="relaxed",

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
 # Image-token positions for the DiT's 2D RoPE (layers.rope_positions):
 #   "reference": the authors' T2I code, linspace(0, n, n) per side (step n/(n-1));
-#   "arange":    0..n-1 per side (this project's earlier variant).
-ROPE_POSITIONS = ("reference", "arange")
+#   "arange":    0..n-1 per side (this project's earlier variant);
+#   "per_axis":  linspace(0, n, n) along each axis with its own n: the reference on square grids (same
+#                weights), evenly spaced on the non-square grids of aspect-ratio buckets, where the
+#                reference's code ends each axis at the other side's count.
+ROPE_POSITIONS = ("reference", "arange", "per_axis")
 # The decoder's in-patch position code (decoder.position_code):
 #   "rope_cos": the authors' T2I code, the real part (cosines) of their RoPE helper's table;
 #   "dct":      an orthonormal 2D DCT-II basis (this project's earlier variant).

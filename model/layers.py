@@ -35,11 +35,16 @@ def rope_positions(grid_h: int, grid_w: int, mode: str, device=None) -> tuple[to
     "reference" is the authors' T2I code: x = linspace(0, grid_h, grid_w), y = linspace(0, grid_w,
     grid_h). On a square grid that is linspace(0, n, n) on both axes (step n/(n-1), 0..16 over 16
     tokens at 256 px); on a non-square one each axis ends at the *other* side's token count, which is
-    what their code computes. "arange" is 0..n-1 per side.
+    what their code computes (on a 10 x 25 bucket grid: steps of 0.42 along x, 2.8 along y).
+    "per_axis" is linspace(0, n, n) with each axis's own n: equal to "reference" on square grids, even
+    steps on non-square ones (the choice for bucketed training). "arange" is 0..n-1 per side.
     """
     if mode == "reference":
         return (torch.linspace(0, grid_h, grid_w, dtype=torch.float64, device=device),
                 torch.linspace(0, grid_w, grid_h, dtype=torch.float64, device=device))
+    if mode == "per_axis":
+        return (torch.linspace(0, grid_w, grid_w, dtype=torch.float64, device=device),
+                torch.linspace(0, grid_h, grid_h, dtype=torch.float64, device=device))
     if mode == "arange":
         return (torch.arange(grid_w, dtype=torch.float64, device=device),
                 torch.arange(grid_h, dtype=torch.float64, device=device))

@@ -6,7 +6,9 @@ under <output>/_work/stage/ the partition's keys, samples and rejects, then its 
 marker: a partition with a marker is complete and is never redone.
 Pass 2 runs once on the driver (pipeline/curate.py): the job-wide dedup over every staged key.
 Pass 3, `write_partition` (write_cpus, write_gpus each): the partition's surviving samples (plus
-text embeddings) into shards under <output>/<res>/pNNNNN/, then its `_work/written/` marker.
+text embeddings) into shards under <output>/<res>/pNNNNN/ (<res>/b<H>x<W>/pNNNNN/ per aspect-ratio
+bucket) and its kept index (<output>/kept/pNNNNN.parquet: id, position, provenance), then its
+`_work/written/` marker.
 Anything a killed task left without a marker is overwritten by the rerun; all outputs are
 deterministic, so a rerun writes the same bytes.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,6 +26,7 @@ from deco.data.filters import CaptionFilters, ImageFilters, Reject
 from deco.data.object_store import open_store
 from deco.data.sources import Partition, read_partition
 from deco.data.transforms import TextEmbedder, encode_image, image_extension, render
+from deco.orchestration.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
     images = ImageFilters(cfg.images, cfg.min_side)
     draft_side, key_resolution = max(cfg.transform.resolutions), min(cfg.transform.resolutions)
     clip = None
-    if cfg.clip.enabled:
+    spec = cfg.metadata  # metadata filters (a stored CLIP score among them) and provenance
+    if cfg.clip.enabled and not cfg.clip.stored:
         clip = _built("clip", cfg.clip, lambda c: ClipScoreFilter(build_scorer(c), c.min_score, c.batch_size))
     keys, rejects, pending = [], [], []
     seen = 0
@@ -85,17 +88,19 @@ def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
     def reject(position: int, sample_id: str, why: Reject) -> None:
         rejects.append({"id": sample_id, "reason": why.reason, "detail": why.detail, "position": position})
 
-    def accept(position: int, sample_id: str, caption: str, decoded) -> None:
+    def accept(position: int, sample_id: str, caption: str, decoded, raw) -> None:
         try:
             small = render(decoded, cfg.transform)
             key = {"id": sample_id, "exact_key": dedup.exact_key(small[key_resolution], caption),
-                   "phash": dedup.phash(small[key_resolution]), "position": position}
+                   "phash": dedup.phash(small[key_resolution]), "url": raw.url, "position": position}
             encoded = {r: encode_image(image, cfg.transform) for r, image in small.items()}
         except Exception as err:  # noqa: BLE001 - one odd image must not fail the partition
             reject(position, sample_id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
             return
         keys.append(key)
+        provenance = spec.provenance_row(raw.meta, raw.url, partition.uri)
         samples.add({"id": sample_id, "caption": caption, "orig_width": decoded.width, "orig_height": decoded.height,
+                     "position": position, "provenance": json.dumps(provenance),
                      **{f"image_{r}": data for r, data in encoded.items()}})
 
     def score_pending() -> None:
@@ -104,15 +109,15 @@ def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
         except Exception as err:  # noqa: BLE001 - a failed batch is counted, sample by sample
             failure = Reject("processing_error", f"clip: {type(err).__name__}: {str(err)[:160]}")
             verdicts = [failure] * len(pending)
-        for (position, sample_id, caption, image), verdict in zip(pending, verdicts):
+        for (position, sample_id, caption, image, raw), verdict in zip(pending, verdicts):
             if verdict is None:
-                accept(position, sample_id, caption, image)
+                accept(position, sample_id, caption, image, raw)
             else:
                 reject(position, sample_id, verdict)
         pending.clear()
 
     with samples:  # its local file goes whatever happens
-        for position, raw in enumerate(read_partition(partition, cfg.sources)):
+        for position, raw in enumerate(read_partition(partition, cfg.sources, spec)):
             seen += 1
             try:
                 if raw.reject is not None:
@@ -124,9 +129,9 @@ def stage_partition(partition: Partition, cfg, output_uri: str) -> dict:
                 if why is not None:
                     reject(position, raw.id, why)
                 elif clip is not None:
-                    pending.append((position, raw.id, caption, image))
+                    pending.append((position, raw.id, caption, image, raw))
                 else:
-                    accept(position, raw.id, caption, image)
+                    accept(position, raw.id, caption, image, raw)
             except Exception as err:  # noqa: BLE001 - counted and reported, never silently lost
                 log.warning("sample %s of %s: %s", raw.id, partition.name, err)
                 reject(position, raw.id, Reject("processing_error", f"{type(err).__name__}: {str(err)[:160]}"))
@@ -152,35 +157,41 @@ def write_partition(partition: str, drop: list[str], cfg, output_uri: str) -> di
     started = time.perf_counter()
     store = open_store(output_uri)
     resolutions = cfg.transform.resolutions
-    for r in resolutions:  # whatever a killed earlier attempt left
-        if cfg.output.format == "mds":
-            store.delete_prefix(shards.partition_dir(r, partition))
-        elif store.exists(f"{r}/{partition}-00000.tar"):  # list the folder only when there is something
-            for key in list(store.list(f"{r}/")):
-                if key.rsplit("/", 1)[-1].startswith(f"{partition}-"):
-                    store.delete_prefix(key)
-    with_emb, ids = cfg.text_emb.enabled, []
+    if cfg.output.format == "mds":  # whatever a killed earlier attempt left
+        for key in cfg.transform.streams():  # a resolution, or one of its aspect-ratio buckets
+            store.delete_prefix(shards.partition_dir(key, partition))
+    else:
+        for r in resolutions:
+            if store.exists(f"{r}/{partition}-00000.tar"):  # list the folder only when there is something
+                for key in list(store.list(f"{r}/")):
+                    if key.rsplit("/", 1)[-1].startswith(f"{partition}-"):
+                        store.delete_prefix(key)
+    with_emb, kept, provenance = cfg.text_emb.enabled, [], cfg.provenance.types
     # Streamed: one staged row group (and one text-embedding batch) in memory at a time; the encoded
     # images go into the shards as the stage pass made them.
     with store.open(stage_key(partition, "samples.parquet")) as handle:
         samples = shards.read_staged_samples(handle, resolutions, set(drop))
         if with_emb:
             samples = _with_text_emb(samples, cfg.text_emb)
-        samples = _recording_ids(samples, ids)
+        samples = _recording(samples, kept)
         if cfg.output.format == "mds":
-            stats = shards.write_mds_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb)
+            stats = shards.write_mds_partition(output_uri, partition, samples, resolutions, cfg.output, with_emb,
+                                               provenance, cfg.transform.buckets_per_resolution())
         else:
             stats = shards.write_webdataset_partition(output_uri, partition, samples, resolutions, cfg.output,
-                                                      with_emb, image_extension(cfg.transform))
+                                                      with_emb, image_extension(cfg.transform), provenance)
+    store.put_bytes(shards.kept_key(partition), shards.kept_table_bytes(kept, provenance))
+    ids = [row["id"] for row in kept]
     record = {"partition": partition, "kept": len(ids), "ids": ids,
               "resolutions": {str(r): s for r, s in stats.items()}, "seconds": round(time.perf_counter() - started, 3)}
     store.put_bytes(written_key(partition), json.dumps(record, sort_keys=True).encode())
     return record
 
 
-def _recording_ids(samples: Iterable[dict], ids: list[str]) -> Iterator[dict]:
+def _recording(samples: Iterable[dict], kept: list[dict]) -> Iterator[dict]:
+    """The samples, noting each one's id, position and provenance for the kept index."""
     for sample in samples:
-        ids.append(sample["id"])
+        kept.append({k: sample.get(k) for k in ("id", "position", "provenance")})
         yield sample
 
 
@@ -208,36 +219,21 @@ def _with_text_emb(samples: Iterable[dict], cfg) -> Iterator[dict]:
 # Execution
 # ------------------------------------------------------------------------------------------------
 
-class _Progress:
-    """A partitions bar on stderr that also shows samples done and their rate."""
+def _partitions(total: int, desc: str, enabled: bool) -> Progress:
+    return Progress(f"curate {desc}", total, unit="partition", enabled=enabled)
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar, self.samples, self.started = None, 0, time.perf_counter()
-        if enabled:
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="part", file=sys.stderr, dynamic_ncols=True)
-
-    def done(self, result: dict) -> None:
-        if self.bar is None:
-            return
-        self.samples += result.get("samples_in", result.get("kept", 0))
-        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.samples} samples, {rate:.1f}/s", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _done(bar: Progress, result: dict) -> None:
+    bar.update(1, samples=result.get("samples_in", result.get("kept", 0)))
 
 
 def run_local(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bool) -> Iterator[dict]:
     """The same work in a plain loop in this process."""
-    bar = _Progress(len(calls), desc, progress)
+    bar = _partitions(len(calls), desc, progress)
     try:
         for args in calls:
             result = fn(*args)
-            bar.done(result)
+            _done(bar, result)
             yield result
     finally:
         bar.close()
@@ -255,7 +251,7 @@ def run_ray(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bo
 
     remote = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
                                     retry_exceptions=[ConnectionError, TimeoutError])
-    bar = _Progress(len(calls), desc, progress)
+    bar = _partitions(len(calls), desc, progress)
     queue, in_flight = list(calls), []
     try:
         while queue or in_flight:
@@ -271,7 +267,7 @@ def run_ray(fn: Callable[..., dict], calls: list[tuple], desc: str, progress: bo
                 from deco.orchestration.ray_cluster import lost_work
 
                 raise lost_work(err, desc) from None
-            bar.done(result)
+            _done(bar, result)
             yield result
     finally:
         for ref in in_flight:

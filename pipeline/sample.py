@@ -15,14 +15,20 @@ from deco.model.text_encoder import TextEncoder
 
 @torch.no_grad()
 def generate(model: DeCo, encoder: TextEncoder, prompts: list[str], sampler: SamplerConfig,
-             seed: int, resolution: int | None = None) -> torch.Tensor:
-    """Images in [-1, 1], (len(prompts), 3, R, R); the same seed gives the same images."""
+             seed: int, resolution: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images in [-1, 1], (len(prompts), 3, H, W): `size` (H, W), else R x R at `resolution` (the
+    model's by default); the same seed gives the same images. Any size of whole patches works: the
+    DiT's RoPE and the decoder take any token grid."""
     resolution = resolution or model.cfg.resolution
+    height, width = size or (resolution, resolution)
+    patch = model.cfg.dit.patch_size
+    if height % patch or width % patch:
+        raise ValueError(f"size {height}x{width} (HxW) is not a multiple of the model's patch size {patch}")
     device = next(model.parameters()).device
     text, mask = encoder.encode(prompts)
     empty_text, empty_mask = encoder.empty_encoding()
     uncond = (empty_text.expand_as(text).to(device), empty_mask.expand_as(mask).to(device))
-    noise = initial_noise((len(prompts), 3, resolution, resolution), seed, device, torch.float32)
+    noise = initial_noise((len(prompts), 3, height, width), seed, device, torch.float32)
 
     def velocity(x, t, cond):
         return model(x, t, cond[0], cond[1]).float()

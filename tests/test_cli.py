@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FROZEN_FLAGS = {
     ("model", "summary"): {"--config", "--set"},
     ("model", "import-reference"): {"--checkpoint", "--out", "--ema", "--set"},
-    ("sample",): {"--weights", "--prompt", "--n", "--steps", "--cfg", "--seed", "--sampler", "--time-shift", "--out"},
+    ("sample",): {"--weights", "--prompt", "--n", "--steps", "--cfg", "--seed", "--sampler", "--time-shift", "--size",
+                  "--out"},
     ("demo",): {"--out", "--set"},
     ("pipeline", "run"): {"--set"},
     ("pipeline", "status"): {"--set", "--json"},
@@ -30,7 +31,7 @@ FROZEN_FLAGS = {
                   "--run-dir", "--dry-run", "--set"},
     ("export",): {"--checkpoint", "--out", "--ema"},
     ("data", "synth"): {"--out", "--n", "--seed", "--format", "--bad-fraction"},
-    ("curate",): {"--config", "--input", "--output", "--ray-address", "--set"},
+    ("curate",): {"--config", "--input", "--output", "--ray-address", "--set", "--takedown"},
     ("geneval", "generate"): {"--weights", "--checkpoint", "--prompts", "--out", "--config", "--set"},
     ("geneval", "score"): {"--images", "--out", "--detector", "--detections", "--save-detections", "--config", "--set"},
     ("geneval", "summary"): {"--out"},
@@ -110,6 +111,18 @@ def test_sample_writes_a_deterministic_grid(tiny_weights, tmp_path):
     assert outputs[0].size == (2 * 34 + 2, 2 * 34 + 2)  # 2x2 grid of 32 px images, 2 px padding
     assert outputs[0].tobytes() == outputs[1].tobytes()
     assert outputs[0].tobytes() != outputs[2].tobytes()
+
+
+def test_sample_size_generates_that_height_and_width(tiny_weights, tmp_path):
+    _, path = tiny_weights  # patch 8
+    result = run_deco("sample", "--weights", str(path), "--prompt", "a red circle", "--n", "2", "--steps", "2",
+                      "--size", "24x40", "--out", str(tmp_path / "wide.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "wide.png").size == (2 * (40 + 2) + 2, 24 + 2 + 2)  # 2 columns of 40 x 24
+    result = run_deco("sample", "--weights", str(path), "--prompt", "x", "--size", "30x40", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("--size 30x40: height and width must be multiples of the "
+                                                           "model's patch size 8")
 
 
 def test_sample_with_missing_weights_is_a_clear_error(tmp_path):

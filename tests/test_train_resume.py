@@ -5,7 +5,9 @@ Every test runs in two engine regimes (the `profile` fixture):
 - partition_all: fp32, ZeRO-3 persistence threshold 0, so every parameter is partitioned;
 - production: the regime configs/train/t2i_*.yaml launch: bf16, persistence threshold 100,000 (the
   tiny model's norms, biases, text positions and whole pixel decoder stay whole on every rank),
-  overlap and prefetch on.
+  overlap and prefetch on; and the data in aspect-ratio buckets (data.crop=buckets: 32x32, 24x40
+  and 40x24, each global batch from one of them), so exact and elastic resume are checked on square
+  crops and on buckets alike.
 
 One uninterrupted reference run per regime (2 ranks, 12 steps, a checkpoint every 4, an EMA sample
 grid at step 12) is the yardstick for: partitioning and a falling loss; the checkpoint layout,
@@ -20,9 +22,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +34,7 @@ from deco.data.object_store import join, open_store
 from deco.pipeline.train.manifest import CheckpointRef, read_manifest
 
 from train_helpers import (ROOT, TINY_CPU, checkpoint_tensors, last_per_step, local_checkpoint, read_jsonl, run_deco,
-                           start_deco, upload_dir, write_mds)
+                           start_deco, upload_dir, write_bucketed_mds, write_mds)
 
 SAMPLES = 80          # 10 global batches of 8: steps 11-12 are the second epoch
 STEPS = 12
@@ -40,8 +44,11 @@ COMMON = ["--set", "logging.wandb=false", "--set", "logging.sample_every=0", "--
 PROFILES = {
     "partition_all": ["--set", "engine.precision=fp32", "--set", "engine.param_persistence_threshold=0"],
     "production": ["--set", "engine.precision=bf16", "--set", "engine.param_persistence_threshold=100000",
-                   "--set", "engine.overlap_comm=true", "--set", "engine.prefetch_bucket_size=50000000"],
+                   "--set", "engine.overlap_comm=true", "--set", "engine.prefetch_bucket_size=50000000",
+                   "--set", "data.crop=buckets"],
 }
+# The production profile's data: (H, W) -> samples, ids s00000.. in this order; 4 + 3 + 3 batches of 8.
+BUCKETS = {(32, 32): 32, (24, 40): 24, (40, 24): 24}
 # Losses of one step on different world sizes differ only by the order of float sums: at fp32
 # rounding in fp32; bf16 matmuls round each partial product to 8 bits of mantissa.
 ELASTIC_LOSS_RTOL = {"partition_all": 1e-4, "production": 2e-2}
@@ -60,11 +67,14 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def data_uri(tmp_path_factory, bucket):
+def data_uri(tmp_path_factory, bucket, profile):
     local = tmp_path_factory.mktemp("shards")
-    write_mds(local, SAMPLES, 32, seed=0)
-    upload_dir(local / "32", f"{bucket}/shards/32")
-    return f"{bucket}/shards"
+    if profile == "production":
+        write_bucketed_mds(local, 32, BUCKETS, seed=0)
+    else:
+        write_mds(local, SAMPLES, 32, seed=0)
+    upload_dir(local / "32", f"{bucket}/{profile}-shards/32")
+    return f"{bucket}/{profile}-shards"
 
 
 def train(run_dir: Path, stage: str, data: str, profile: str, *extra: str, nproc: int | None = 2, steps: int = STEPS):
@@ -120,6 +130,19 @@ def test_every_sample_is_seen_once_per_epoch(reference):
     epoch = [i for step in range(1, 11) for i in samples[step]["ids"]]
     assert sorted(epoch) == [f"s{i:05d}" for i in range(SAMPLES)]
     assert all(len(samples[step]["ids"]) == 8 for step in samples)
+
+
+def test_each_global_batch_comes_from_one_bucket(reference):
+    if reference["profile"] != "production":
+        pytest.skip("this profile trains on square crops")
+    bounds = np.cumsum(list(BUCKETS.values()))
+    bucket_of = {f"s{i:05d}": list(BUCKETS)[int(np.searchsorted(bounds, i, side="right"))] for i in range(SAMPLES)}
+    per_step = {step: {bucket_of[i] for i in record["ids"]} for step, record in reference["samples"].items()}
+    assert all(len(buckets) == 1 for buckets in per_step.values()), per_step
+    # one epoch (steps 1-10) draws every full batch of every bucket once, the buckets interleaved
+    order = [next(iter(per_step[s])) for s in range(1, 11)]
+    assert Counter(order) == {hw: n // 8 for hw, n in BUCKETS.items()}
+    assert sum(a != b for a, b in zip(order, order[1:])) > 2, order
 
 
 def test_checkpoints_follow_the_layout_with_checksums_and_only_the_last_two_are_kept(reference, tmp_path):
@@ -234,7 +257,10 @@ def test_elastic_resume_two_to_one_to_two_ranks(reference, data_uri, tmp_path, p
                         for s, name in ((stage, "f"), (reference["stage"], "rf")))
     assert final["world_size"] == 2
     # Four steps trained on other world sizes: the weights drift apart by the summation order only.
-    atol = {"partition_all": 2e-5, "production": 5e-4}[profile]
+    # In bf16 Adam turns that into up to about lr per step where a gradient is near zero (the pixel
+    # decoder's LayerNorm biases behind its zero-initialised AdaLN gates: 5.3e-4 measured on the
+    # bucketed data, every other tensor under 1.2e-4).
+    atol = {"partition_all": 2e-5, "production": 1e-3}[profile]
     for kind in ("weights", "exp_avg", "ema"):
         for name, tensor in ref_final[kind].items():
             torch.testing.assert_close(final[kind][name], tensor, rtol=1e-3, atol=atol, msg=f"{kind} {name}")

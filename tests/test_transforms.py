@@ -2,28 +2,16 @@
 against the plain reference: a full decode, EXIF transpose and one Lanczos resize per resolution."""
 import io
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from deco.data.filters import ImageFilterConfig, ImageFilters, decode_image, draft_scale, open_image
 from deco.data.synthetic import photo_like_image, photo_like_jpeg
 from deco.data.transforms import TransformConfig, encode_image, reduce_factor, render, resize_centre_crop, transform_image
+from image_helpers import jpeg, psnr
 
 CFG = TransformConfig(resolutions=[256, 512], jpeg_quality=95)
 MIN_PSNR_DB = 40.0
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def jpeg(image: Image.Image, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90, **kw)
-    return buffer.getvalue()
 
 
 def reference(data: bytes, resolution: int) -> Image.Image:

@@ -47,6 +47,35 @@ def write_mds(out_root: str | Path, count: int, resolution: int, seed: int = 0, 
     return out
 
 
+def write_bucketed_mds(out_root: str | Path, resolution: int, counts: dict[tuple[int, int], int], seed: int = 0,
+                       *, prefix: str = "s", size_limit: int = 1 << 14) -> dict[str, tuple[int, int]]:
+    """Write `<out_root>/<resolution>/b<H>x<W>/` per (H, W) bucket and its buckets.json, as curation
+    with transform.crop: buckets does: the synthetic shapes at 1.5x the resolution, scaled to cover
+    each bucket and centre-cropped. Ids run on across the buckets; returns id -> (H, W)."""
+    from streaming import MDSWriter
+
+    from deco.data.buckets import stream_key, write_bucket_index
+    from deco.data.object_store import open_store
+    from deco.data.shard_schema import columns
+    from deco.data.synthetic import synthetic_pairs
+    from deco.data.transforms import resize_cover_crop
+
+    pairs, where = iter(synthetic_pairs(sum(counts.values()), resolution * 3 // 2, seed)), {}
+    for (height, width), count in counts.items():
+        with MDSWriter(out=str(Path(out_root) / stream_key(resolution, (height, width))), columns=columns(False),
+                       compression="zstd", size_limit=size_limit) as writer:
+            for _ in range(count):
+                image, caption = next(pairs)
+                sample_id = f"{prefix}{len(where):05d}"
+                where[sample_id] = (height, width)
+                buffer = io.BytesIO()
+                resize_cover_crop(image, height, width).save(buffer, format="PNG")
+                writer.write({"id": sample_id, "image": buffer.getvalue(), "caption": caption, "width": width,
+                              "height": height, "orig_width": image.width, "orig_height": image.height})
+    write_bucket_index(open_store(str(out_root)), resolution, counts)
+    return where
+
+
 def upload_dir(local: str | Path, uri: str) -> str:
     from deco.data.object_store import open_store
 

@@ -38,6 +38,8 @@ def register(commands) -> None:
     sample.add_argument("--sampler", default="adams2", choices=["euler", "heun", "adams2"])
     sample.add_argument("--time-shift", type=float, default=None,
                         help="sampling time shift (default: 3.0, or 1.0 below 64 px)")
+    sample.add_argument("--size", default=None, metavar="HxW",
+                        help="image height x width in pixels, multiples of the patch size (default: the model's square)")
     sample.add_argument("--out", required=True, help="output grid PNG")
     sample.set_defaults(handler=sample_images)
 
@@ -66,18 +68,26 @@ def import_reference(args) -> int:
 def sample_images(args) -> int:
     import torch
 
+    from deco.data.buckets import parse_size
     from deco.model.sampling import SamplerConfig
     from deco.pipeline.sample import generate, save_grid
     from deco.pipeline.weights import load_weights
 
     if args.n < 1 or args.steps < 1:
         raise ConfigError("--n and --steps must be at least 1")
+    try:
+        size = parse_size(args.size) if args.size else None
+    except ValueError as err:
+        raise ConfigError(f"--size: {err}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, text_cfg = load_weights(args.weights, device=device)
+    patch = model.cfg.dit.patch_size
+    if size and (size[0] % patch or size[1] % patch):
+        raise ConfigError(f"--size {args.size}: height and width must be multiples of the model's patch size {patch}")
     encoder = text_cfg.build(device=device)
     shift = args.time_shift if args.time_shift is not None else (3.0 if model.cfg.resolution >= 64 else 1.0)
     sampler = SamplerConfig(method=args.sampler, steps=args.steps, cfg_scale=args.cfg, time_shift=shift)
-    images = generate(model, encoder, [args.prompt] * args.n, sampler, seed=args.seed)
+    images = generate(model, encoder, [args.prompt] * args.n, sampler, seed=args.seed, size=size)
     print(save_grid(images, args.out))
     return 0
 

@@ -14,6 +14,7 @@ from typing import Literal
 from deco.data.dedup import DedupConfig
 from deco.data.clip_filter import ClipFilterConfig
 from deco.data.filters import CaptionFilterConfig, ImageFilterConfig
+from deco.data.metadata import MetadataFilter, MetadataSpec, ProvenanceConfig
 from deco.data.shards import ShardOutputConfig
 from deco.data.sources import SourceConfig
 from deco.data.transforms import TextEmbeddingConfig, TransformConfig
@@ -35,12 +36,17 @@ class CurateConfig:
     output: ShardOutputConfig = field(default_factory=ShardOutputConfig)
     captions: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
     images: ImageFilterConfig = field(default_factory=ImageFilterConfig)
+    # Numeric bounds on the metadata a dataset ships (parquet columns, a tar sample's .json / .npz),
+    # checked before its image is fetched or decoded: data/metadata.py.
+    metadata_filters: list[MetadataFilter] = field(default_factory=list)
     clip: ClipFilterConfig = field(default_factory=ClipFilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     text_emb: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # Source fields copied into every shard row and the kept index (url, licence, scores, ...).
+    provenance: ProvenanceConfig = field(default_factory=ProvenanceConfig)
     # "ray": partitions run as Ray tasks. "local": the same work in a plain loop in this process
     # (debugging, and the baseline of benchmarks/curate_throughput.py).
     execution: Literal["ray", "local"] = "ray"
@@ -59,15 +65,26 @@ class CurateConfig:
             raise ValueError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.images.min_side is not None and self.images.min_side < 1:
             raise ValueError(f"images.min_side must be >= 1, got {self.images.min_side}")
-        if self.clip.enabled and not self.clip.path and self.clip.scorer == "clip":
-            raise ValueError("clip.path must name local CLIP weights when clip.enabled is true")
-        for section in (self.sources, self.sources.http, self.output, self.dedup, self.transform, self.text_emb, self.ray):
+        if self.clip.enabled and not self.clip.path and self.clip.scorer == "clip" and not self.clip.stored:
+            raise ValueError("clip.path must name local CLIP weights when clip.enabled is true "
+                             "(or set clip.stored_score / clip.stored_embeddings to reuse the dataset's own)")
+        if self.transform.crop == "buckets" and self.output.format != "mds":
+            raise ValueError("transform.crop: buckets writes MDS shards only; set output.format: mds")
+        for n, flt in enumerate(self.metadata_filters):
+            flt.validate(f"metadata_filters[{n}]")
+        for section in (self.sources, self.sources.http, self.output, self.images, self.captions, self.clip, self.dedup,
+                        self.transform, self.text_emb, self.ray, self.provenance):
             section.validate()
 
     @property
     def min_side(self) -> int:
         """Images below this are rejected: images.min_side, else the largest target resolution."""
         return self.images.min_side if self.images.min_side is not None else max(self.transform.resolutions)
+
+    @property
+    def metadata(self) -> MetadataSpec:
+        """What the readers and the stage pass need of the metadata settings."""
+        return MetadataSpec(self.metadata_filters, self.provenance, self.clip)
 
 
 # Sections that do not change which samples are kept or what bytes the shards hold.
@@ -82,4 +99,15 @@ def output_fingerprint(cfg: CurateConfig) -> str:
     tree["sources"].pop("http")
     tree["output"].pop("keep_staging")
     tree["output"].pop("uri")
+    # Settings added later leave the fingerprint of outputs made without them as it was. Not so the
+    # caption rules of this version (spam rules, the short-caption language rule) and images.background:
+    # they change which samples are kept and what pixels are written, so an output curated before
+    # them is refused as "made with other settings" rather than extended under other rules.
+    for section, key, default in (("clip", "stored_score", ""), ("clip", "stored_embeddings", []),
+                                  (None, "metadata_filters", []), (None, "provenance", {"enabled": False})):
+        node = tree[section] if section else tree
+        if node[key] == default or (key == "provenance" and not node[key]["enabled"]):
+            node.pop(key)
+    if tree["transform"]["crop"] == "square":  # the bucket settings only matter with buckets
+        del tree["transform"]["crop"], tree["transform"]["buckets"]
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

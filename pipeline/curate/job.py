@@ -14,8 +14,10 @@ Inputs added to a finished output (same settings) are curated as a new run: thei
 numbered after the existing ones, deduplicated against every earlier sample (an earlier kept sample
 is never dropped, earlier shards are never rewritten), and the merged indexes, rejects.parquet and
 the report then cover every run. For this a finished run keeps its staged keys, rejects and markers
-under _work/stage (about 70 bytes a sample); only the staged images are deleted. Inputs that are
-gone or changed are refused: a different input set needs a new output.
+under _work/stage (about 70 bytes a sample, plus its url); only the staged images are deleted. Inputs
+that are gone or changed are refused: a different input set needs a new output. Samples that a
+takedown request (pipeline/curate/takedown.py) named by id or URL are `takedown` rejects in every
+later run, so an added input never brings one back.
 """
 from __future__ import annotations
 
@@ -28,21 +30,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-
 from deco.data import dedup
+from deco.data.buckets import stream_key, write_bucket_index
+from deco.data.errors import ExpectedError
 from deco.data.object_store import StorageError, bucket_uri, is_s3, open_store
-from deco.data.shards import (REJECTS_SCHEMA, merge_mds_index, read_table, table_bytes, write_wids_index)
+from deco.data.shards import merge_mds_index, read_table, table_bytes, write_wids_index
 from deco.data.sources import Partition, describe_inputs
 from deco.orchestration import curation
 from deco.orchestration.ray_cluster import check_reachable, ray_cluster, ray_is_connected
 from deco.pipeline.config import ConfigError, load_config
 from deco.pipeline.curate.config import CurateConfig
-from deco.pipeline.curate.plan import REPORT_KEY, generations, plan_job, runs_of
+from deco.pipeline.curate import takedown
+from deco.pipeline.curate.plan import REJECTS_KEY, REPORT_KEY, generations, plan_job, rejects_file_schema, runs_of
 
 log = logging.getLogger(__name__)
-
-REJECTS_KEY = "rejects.parquet"
 
 
 def load_curate_config(path: str, overrides: list[str] = (), inputs: list[str] | None = None,
@@ -103,15 +104,18 @@ def _drop_staged_samples(store) -> None:
         store.delete_prefix(key)
 
 
-def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition],
-                       run_of: dict[str, int] | None = None) -> tuple[dict[str, list[str]], list[dict]]:
-    """Pass 2: duplicate ids, then exact and near duplicates over every staged key of the job.
+def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition], run_of: dict[str, int] | None = None,
+                       terms: dict | None = None) -> tuple[dict[str, list[str]], list[dict]]:
+    """Pass 2: duplicate ids, then exact and near duplicates over every staged key of the job, then
+    the takedown `terms` (takedown.standing_terms).
 
     Within a run the smallest id of a group is kept. A later run's samples (inputs added to a
     finished output) come after every earlier run's: they can duplicate an earlier kept sample, never
-    displace it, so the decisions over earlier runs, and so their shards, stay what they were.
+    displace it, so the decisions over earlier runs, and so their shards, stay what they were. A
+    sample taken down stays in the dedup (its duplicates stay rejected as duplicates, decisions do not
+    move): of the samples no duplicate pass rejects, those whose id or url is a term are `takedown`.
     """
-    run_of = run_of or {}
+    run_of, terms = run_of or {}, terms or {}
     candidates, first_seen, rejects = [], {}, []
     for partition in partitions:
         keys = read_table(store.get_bytes(curation.stage_key(partition.name, "keys.parquet"))).to_pylist()
@@ -143,6 +147,13 @@ def _decide_duplicates(cfg: CurateConfig, store, partitions: list[Partition],
         drop[partition].append(duplicate.id)
         rejects.append({"id": duplicate.id, "reason": duplicate.reason, "partition": partition, "position": position,
                         "detail": f"of {duplicate.duplicate_of} (distance {duplicate.distance})"})
+    duplicates = {d.id for d in found}
+    for partition, position, key in candidates if terms else ():
+        why = None if key["id"] in duplicates else takedown.match(terms, key["id"], key.get("url"))
+        if why is not None:
+            drop[partition].append(key["id"])
+            rejects.append({"id": key["id"], "reason": why.reason, "detail": why.detail, "partition": partition,
+                            "position": position})
     return drop, rejects
 
 
@@ -151,7 +162,7 @@ def _finish(cfg: CurateConfig, store, partitions: list[Partition], dedup_rejects
     resolutions = cfg.transform.resolutions
     written = [json.loads(store.get_bytes(curation.written_key(p.name))) for p in partitions]
     shard_stats = {}
-    for r in resolutions:
+    for r in cfg.transform.streams():  # a resolution, or one of its aspect-ratio buckets (<res>/b<H>x<W>)
         per_partition = [w["resolutions"][str(r)] for w in written]
         if cfg.output.format == "mds":
             merge_mds_index(cfg.output.uri, r, [p.name for p in partitions])
@@ -160,6 +171,8 @@ def _finish(cfg: CurateConfig, store, partitions: list[Partition], dedup_rejects
         shard_stats[str(r)] = {"samples": sum(s["samples"] for s in per_partition),
                                "shards": sum(s["shards"] for s in per_partition),
                                "bytes": sum(s["bytes"] for s in per_partition)}
+    for r in resolutions if cfg.transform.crop == "buckets" else ():  # where training lists the buckets
+        write_bucket_index(store, r, {hw: shard_stats[stream_key(r, hw)]["samples"] for hw in cfg.transform.sizes(r)})
     rejects, samples_in, partition_in = [], 0, {}
     for partition in partitions:
         marker = json.loads(store.get_bytes(curation.stage_key(partition.name, "done.json")))
@@ -176,8 +189,7 @@ def _finish(cfg: CurateConfig, store, partitions: list[Partition], dedup_rejects
             raise RuntimeError(f"{partition.name} of {cfg.output.uri} holds {w['kept']} samples but "
                                f"{partition_in[partition.name] - per_partition_rejects[partition.name]} survive "
                                "curation now: its shards no longer match its staged keys")
-    schema = REJECTS_SCHEMA.append(pa.field("partition", pa.string())).append(pa.field("position", pa.int32()))
-    store.put_bytes(REJECTS_KEY, table_bytes(rejects, schema))
+    store.put_bytes(REJECTS_KEY, table_bytes(rejects, rejects_file_schema()))
     kept = sum(w["kept"] for w in written)
     rejected = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     if samples_in != kept + sum(rejected.values()):
@@ -221,7 +233,8 @@ def curate(cfg: CurateConfig) -> dict:
             pass
         timings["stage_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        drop, dedup_rejects = _decide_duplicates(cfg, store, partitions, generations(planned))
+        drop, dedup_rejects = _decide_duplicates(cfg, store, partitions, generations(planned),
+                                                 takedown.standing_terms(store))
         timings["dedup_s"] = time.perf_counter() - tick
         write_todo = [p for p in partitions if not store.exists(curation.written_key(p.name))]
         tick = time.perf_counter()
@@ -244,6 +257,9 @@ def curate(cfg: CurateConfig) -> dict:
               "config": dataclasses.asdict(cfg),
               "throughput": {"wall_s": round(wall, 3), "samples_per_s": round(counts["samples_in"] / max(wall, 1e-9), 2),
                              **{k: round(v, 3) for k, v in timings.items()}}}
+    earlier = json.loads(store.get_bytes(REPORT_KEY)) if store.exists(REPORT_KEY) else {}
+    if earlier.get("takedown"):  # the requests applied to this output stay on record
+        report["takedown"] = earlier["takedown"]
     store.put_bytes(REPORT_KEY, json.dumps(report, indent=2, sort_keys=True).encode())
     if not cfg.output.keep_staging:
         _drop_staged_samples(store)
@@ -258,8 +274,9 @@ def format_report(report: dict) -> str:
              f"{'kept':<{width}}{report['samples_kept']:>10}  {100 * report['samples_kept'] / total:6.2f}%"]
     for reason, count in sorted(report["rejected"].items(), key=lambda item: (-item[1], item[0])):
         lines.append(f"{'  rejected: ' + reason:<{width}}{count:>10}  {100 * count / total:6.2f}%")
-    for resolution, stats in report["shards"].items():
-        lines.append(f"{resolution + ' px':<{width}}{stats['samples']:>10} samples in {stats['shards']} shards, "
+    for resolution, stats in report["shards"].items():  # "256", or a bucket's "256/b224x288"
+        label = resolution.replace("/", " px ", 1) if "/" in resolution else resolution + " px"
+        lines.append(f"{label:<{width}}{stats['samples']:>10} samples in {stats['shards']} shards, "
                      f"{stats['bytes'] / 2**20:.1f} MiB")
     throughput = report["throughput"]
     lines.append(f"{'throughput':<{width}}{throughput['samples_per_s']:>10} samples/s over {throughput['wall_s']} s")
@@ -267,8 +284,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-class KeptTooFew(Exception):
+class KeptTooFew(ExpectedError):
     """The job ran and wrote its report, but kept nothing, or under min_kept_fraction of its input."""
+
+    exit_code = 1  # the job ran; its output is not usable
 
 
 def check_kept(report: dict, cfg: CurateConfig) -> None:

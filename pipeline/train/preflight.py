@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 import torch.distributed as dist
 
 from deco.data.object_store import StorageError, is_s3, open_store
-from deco.data.streaming import resolve_stream_uri
+from deco.data.streaming import resolve_buckets, resolve_stream_uri
 from deco.pipeline.config import ConfigError
 from deco.pipeline.train.checkpoint import check_writable
 from deco.pipeline.train.manifest import CheckpointError
@@ -20,13 +20,15 @@ EXPECTED = (ConfigError, CheckpointError, StorageError, FileNotFoundError)
 
 
 def check_storage(cfg, stage_uri: str) -> None:
-    """Rank 0: the checkpoint location takes a write and a delete; every stream has its index."""
+    """Rank 0: the checkpoint location takes a write and a delete; every stream has its index (or
+    its bucket index)."""
     check_writable(stage_uri)
     for stream in cfg.data.streams:
         try:
             if is_s3(stream.uri):
                 open_store(stream.uri).check(create=False)
-            resolve_stream_uri(stream.uri, cfg.resolution)
+            resolve = resolve_buckets if cfg.data.crop == "buckets" else resolve_stream_uri
+            resolve(stream.uri, cfg.resolution)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read training data: {err}") from None
         except Exception as err:  # StorageError, and boto3's errors (credentials, endpoint) of many types
