@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from deco.data.errors import ExpectedError
 
-class StorageError(RuntimeError):
+
+class StorageError(ExpectedError, RuntimeError):
     """Storage is unreachable or misconfigured: the message says what to fix."""
 
 

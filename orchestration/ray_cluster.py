@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from deco.data.errors import ExpectedError
+
 log = logging.getLogger(__name__)
 
 LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -29,7 +31,7 @@ FORWARDED_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "A
                  "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-class ClusterError(ConnectionError):
+class ClusterError(ExpectedError, ConnectionError):
     """Ray lost work it could not redo (a node or worker died more often than tasks are retried):
     said in one line; the same command resumes, since every finished partition is kept."""
 

@@ -17,11 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from deco.data.errors import ExpectedError
+
 T = TypeVar("T")
 OVERRIDE_SOURCE = "--set"
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     pass
 
 

@@ -5,10 +5,17 @@ launcher, gates through the watcher), as a child process whose death takes nothi
 stage is resumable on its own, and the pipeline records a stage's completion in object storage
 (<root>/_pipeline/<stage>.json) only when it has fully finished, so a rerun after any interruption
 continues at the first unfinished stage and never redoes a finished one.
+
+A stage that cannot go on stops the pipeline with one line (cli/main.py prints it): StageFailed (its
+command exited non-zero), StageRejected (its gate promoted none of its checkpoints) or StageBlocked
+(what it starts from is missing). A failed or rejected stage is recorded as such and redone by the
+next run (training resumes: raise max_steps to train longer; a verdict recorded by hand with
+`deco gate run --force` is picked up); the stages after it wait.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -18,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from deco.data.errors import ExpectedError
 from deco.data.object_store import join, open_store
 from deco.pipeline.train.manifest import list_checkpoints
 from deco.pipeline.config import ConfigError, load_tree, apply_overrides, from_dict
@@ -27,8 +35,32 @@ log = logging.getLogger(__name__)
 RECORDS = "_pipeline"
 
 
-class StageBlocked(RuntimeError):
-    """A stage cannot start: what it needs from an earlier stage is missing. The message says why."""
+class PipelineStopped(ExpectedError):
+    """The pipeline cannot go on; the message says which stage, why, and where to look."""
+
+    state = "blocked"  # what `deco pipeline status` shows for the stage
+
+    def __init__(self, message: str, why: str = "", outputs: dict | None = None):
+        super().__init__(message)
+        self.why, self.outputs = why or message, outputs or {}
+
+
+class StageBlocked(PipelineStopped):
+    """A stage cannot start: what it needs from an earlier stage is missing."""
+
+    exit_code = 3
+
+
+class StageRejected(PipelineStopped):
+    """A train stage's gate promoted none of its checkpoints: the newest one's failed checks."""
+
+    state, exit_code = "rejected", 3
+
+
+class StageFailed(PipelineStopped):
+    """A stage's command exited non-zero (its own error line is in the message) or left no result."""
+
+    state, exit_code = "failed", 1
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
@@ -36,6 +68,15 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
     apply_overrides(tree, prov, overrides)
     tree["source"] = str(Path(path).resolve())
     cfg = from_dict(PipelineConfig, tree, source=str(path))
+    # What would stop a later stage hours in is said now, before the first one starts.
+    for stage in cfg.stages:
+        for key in ("config", "gate"):
+            value = getattr(stage, key)
+            if value and "://" not in value and not Path(cfg.resolve(value)).is_file():
+                raise ConfigError(f"{path}: stage {stage.name!r}: {key} file not found: {cfg.resolve(value)}")
+        if stage.init_from and not cfg.stage(stage.init_from).gate:
+            raise ConfigError(f"{path}: stage {stage.name!r} starts from the promoted checkpoint of "
+                              f"{stage.init_from!r}, which has no gate to promote one: give {stage.init_from!r} a `gate`")
     return cfg
 
 
@@ -89,7 +130,16 @@ class PipelineRunner:
             self._write_record(stage, {"name": stage.name, "kind": stage.kind, "status": "running",
                                        "attempt": attempt, "started_unix": started})
             print(f"[pipeline] {stage.name}: {stage.kind} (attempt {attempt})", flush=True)
-            outputs = getattr(self, f"_run_{stage.kind}")(stage)
+            try:
+                outputs = getattr(self, f"_run_{stage.kind}")(stage)
+            except (ExpectedError, OSError) as err:  # recorded: status says why, and the next run redoes it
+                stopped = err if isinstance(err, PipelineStopped) else StageFailed(f"stage {stage.name} failed: {err}")
+                self._write_record(stage, {"name": stage.name, "kind": stage.kind, "status": stopped.state,
+                                           "attempt": attempt, "started_unix": started, "finished_unix": time.time(),
+                                           "why": stopped.why, "error": str(stopped), "outputs": stopped.outputs})
+                if stopped is err:
+                    raise
+                raise stopped from err
             record = {"name": stage.name, "kind": stage.kind, "status": "done", "attempt": attempt,
                       "started_unix": started, "finished_unix": time.time(), "outputs": outputs}
             self._write_record(stage, record)
@@ -102,6 +152,7 @@ class PipelineRunner:
         log_dir.mkdir(parents=True, exist_ok=True)
         command = [self.python, "-m", "deco.pipeline.cli", *args]
         log_path = log_dir / f"{args[0]}.log"
+        said = ""
         with open(log_path, "a") as log_file:
             log_file.write(f"$ {' '.join(command)}\n")
             log_file.flush()
@@ -110,9 +161,14 @@ class PipelineRunner:
             for line in process.stdout:
                 log_file.write(line)
                 print(f"  {stage.name} | {line}", end="", flush=True)
+                if line.startswith("deco: error: "):
+                    said = line[len("deco: error: "):].strip()  # the command's own one-line reason
             code = process.wait()
         if code != 0:
-            raise RuntimeError(f"stage {stage.name!r}: `deco {' '.join(args)}` exited with {code}; log: {log_path}")
+            name = " ".join(itertools.takewhile(lambda a: not a.startswith("-"), args))
+            how = f"exited with {code}" if code > 0 else f"was killed by signal {-code}"
+            why = f"`deco {name}` {how}" + (f": {said}" if said else "")
+            raise StageFailed(f"stage {stage.name} failed: {why} (log {log_path})", why)
 
     def _run_synth(self, stage: StageConfig) -> dict:
         out = self.stage_uri(stage)
@@ -134,18 +190,47 @@ class PipelineRunner:
         return {"uri": out, "samples_in": report.get("samples_in"), "samples_kept": report.get("samples_kept")}
 
     def _check_ready(self, stage: StageConfig) -> None:
-        """Raise StageBlocked before a stage starts when an earlier stage did not give what it needs."""
-        from deco.pipeline.evaluate.gate import promoted_checkpoint, read_verdict
-
+        """Raise StageBlocked before a stage starts when an earlier stage did not give what it needs
+        (run() stops at a rejected stage; this catches a promotion gone since, e.g. a deleted promoted.json)."""
         if stage.kind != "train" or not stage.init_from:
             return
+        from deco.pipeline.evaluate.gate import promoted_checkpoint  # imports torch: only where needed
+
         previous = self.cfg.stage(stage.init_from)
         if promoted_checkpoint(self.stage_uri(previous)) is None:
-            verdicts = [read_verdict(c.uri) for c in list_checkpoints(self.stage_uri(previous))]
-            why = "; ".join(f"step {v['checkpoint']['step']}: {v['decision']} ({', '.join(v.get('reasons') or [])})"
-                            for v in verdicts if v) or "no checkpoint was gated"
-            raise StageBlocked(f"stage {stage.name!r} cannot start: stage {previous.name!r} has promoted no "
-                               f"checkpoint ({why}). Fix the gate or train longer, then rerun.")
+            why = f"waits for {previous.name}: {self._no_promotion(previous)}"
+            raise StageBlocked(f"stage {stage.name} cannot start: it {why}; fix {previous.name}'s gate or train it "
+                               "longer, then rerun", why)
+
+    def _no_promotion(self, stage: StageConfig) -> str:
+        """Why a gated stage has no promoted checkpoint, from its newest checkpoint's verdict."""
+        from deco.pipeline.evaluate.decision import short_rejection
+        from deco.pipeline.evaluate.gate import read_verdict
+
+        refs = list_checkpoints(self.stage_uri(stage))
+        if not refs:
+            return "it has no checkpoint"
+        verdict = read_verdict(refs[-1].uri)
+        if verdict is None:
+            return f"step {refs[-1].step} has no gate verdict"
+        return f"promoted no checkpoint ({short_rejection(verdict)})"
+
+    def _gate_outcome(self, stage: StageConfig, outputs: dict) -> None:
+        """After a stage's gate: StageRejected when it promoted nothing (the newest checkpoint's
+        failed checks, value against threshold, and its report), StageFailed when it could not judge."""
+        from deco.pipeline.evaluate.decision import rejection_line, short_rejection
+        from deco.pipeline.evaluate.gate import read_verdict
+
+        refs = list_checkpoints(self.stage_uri(stage))
+        if not refs:
+            raise StageFailed(f"stage {stage.name} failed: training wrote no complete checkpoint to gate "
+                              f"(log {self.stage_work(stage) / 'train.log'})", "no checkpoint to gate", outputs)
+        verdict = read_verdict(refs[-1].uri)
+        if verdict is None:  # the watcher's evaluation failed; --once leaves it to the next run
+            why = f"the gate could not evaluate step {refs[-1].step}"
+            raise StageFailed(f"stage {stage.name} failed: {why} (log {self.stage_work(stage) / 'gate.log'}); "
+                              "rerun to retry", why, outputs)
+        raise StageRejected(f"stage {stage.name} rejected: {rejection_line(verdict)}", short_rejection(verdict), outputs)
 
     def _init_weights(self, stage: StageConfig) -> str:
         """EMA weights of the `init_from` stage's promoted checkpoint, exported once for this stage."""
@@ -181,11 +266,15 @@ class PipelineRunner:
             gate = ["gate", "watch", "--stage", stage.name, "--stage-uri", out,
                     "--config", self.cfg.resolve(stage.gate), "--once",
                     "--set", f"work_dir={self.stage_work(stage) / 'gate'}"]
+            if stage.init_from:  # regression checks against what the stage it started from reached
+                gate += ["--set", f"baseline_uri={self.stage_uri(self.cfg.stage(stage.init_from))}"]
             for item in stage.gate_overrides:
                 gate += ["--set", item]
             self._cli(stage, *gate)
             promoted = read_promoted(out)
             outputs["promoted_step"] = promoted["step"] if promoted else None
+            if promoted is None:
+                self._gate_outcome(stage, outputs)
         return outputs
 
     # ---- status -----------------------------------------------------------------------------
@@ -193,13 +282,19 @@ class PipelineRunner:
         """Each stage's state, checkpoints with gate verdicts, and promoted checkpoint."""
         from deco.pipeline.evaluate.gate import read_promoted, read_verdict
 
-        rows, blocked_by = [], None
+        rows = []
+        blocked_by = None  # the first stage that stopped the pipeline: every stage after it waits for it
         for stage in self.cfg.stages:
             record = self.record(stage) or {}
             state = record.get("status", "pending")
             if state == "running":
                 state = "interrupted"  # a live run would be the one writing; a rerun resumes it
             row = {"stage": stage.name, "kind": stage.kind, "state": state, "attempt": record.get("attempt", 0)}
+            if state in ("failed", "rejected"):
+                row["why"] = record.get("why")
+                blocked_by = blocked_by or f"{stage.name} ({state})"
+            elif state == "pending" and blocked_by:
+                row.update(state="blocked", why=f"waits for {blocked_by}")
             if stage.kind == "train":
                 uri = self.stage_uri(stage)
                 checkpoints = []
@@ -210,11 +305,11 @@ class PipelineRunner:
                                         "overall": (verdict.get("scores") or {}).get("overall") if verdict else None})
                 promoted = read_promoted(uri)
                 row.update(checkpoints=checkpoints, promoted=promoted["checkpoint_uri"] if promoted else None)
-                if stage.init_from and state == "pending":
+                if stage.init_from and row["state"] == "pending":
                     previous = self.cfg.stage(stage.init_from)
                     if (self.record(previous) or {}).get("status") == "done" and not read_promoted(self.stage_uri(previous)):
-                        row["state"] = blocked_by = "blocked"
-                        row["why"] = f"{previous.name} promoted no checkpoint"
+                        row.update(state="blocked", why=f"waits for {previous.name}: {self._no_promotion(previous)}")
+                        blocked_by = blocked_by or f"{stage.name} (blocked)"
             elif record.get("outputs"):
                 row["outputs"] = record["outputs"]
             rows.append(row)
@@ -228,6 +323,7 @@ def format_status(rows: list[dict]) -> str:
             f"{c['step']}({c['decision'] or '-'}{'' if c['overall'] is None else ' %.3f' % c['overall']})"
             for c in row.get("checkpoints", [])) or "-"
         promoted = row.get("promoted") or ("-" if row["kind"] == "train" else "")
-        state = row["state"] + (f": {row['why']}" if row.get("why") else "")
-        lines.append(f"{row['stage']:<18} {row['kind']:<7} {state:<12} {checkpoints:<44} {promoted}")
+        lines.append(f"{row['stage']:<18} {row['kind']:<7} {row['state']:<12} {checkpoints:<44} {promoted}")
+        if row.get("why"):  # under its row: a rejection's checks would push the columns off the screen
+            lines.append(f"{'':<18} {'':<7} {row['state']}: {row['why']}")
     return "\n".join(lines)

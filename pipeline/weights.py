@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deco.model.config import ModelConfig, missing_variant_fields
@@ -44,8 +44,11 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:  # truncated, or not a weights file at all
+        raise ConfigError(f"{path} is not a readable .safetensors file: {err}") from None
     if MODEL_KEY not in metadata:
         raise ConfigError(f"{path} has no {MODEL_KEY} metadata: it was not written by `deco export` or save_weights")
     return metadata
@@ -77,5 +80,5 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("repa_projector.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ConfigError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.to(device).eval(), text_cfg

@@ -1,7 +1,9 @@
 """The staged pipeline end to end, for real: synth -> curate (Ray) -> train 32 px (ZeRO-3, 2 ranks)
--> gate -> train 64 px from the promoted EMA -> gate; killed during its second stage and rerun."""
+-> gate -> train 64 px from the promoted EMA -> gate; killed during its second stage and rerun; and
+a gate that rejects, stopping the pipeline before the next stage."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,19 +31,24 @@ DATA_STAGES = f"""
     overrides: [sources.partition_size=64]
 """
 
-GATE_OVERRIDES = "[synthetic_per_task=1, generation.images_per_prompt=1, generation.sampler.steps=4]"
+# 6 prompts, 1 image each: scores move in steps of 1/6, so the regression check is made (stage_64
+# against stage_32's promoted scores) but allowed any drop: two barely trained models decide nothing.
+# Nor do they reach the demo gates' minimums (an untrained model's level): any score passes here.
+GATE_OVERRIDES = ["synthetic_per_task=1", "generation.images_per_prompt=1", "generation.sampler.steps=4",
+                  "thresholds.max_regression=1.0", "thresholds.min_overall=0.0", "thresholds.min_task.single_object=0.0"]
 
 
-def train_stage(name, resolution, steps, init_from="", gate="demo_32"):
+def train_stage(name, resolution, steps, init_from="", gate="demo_32", gate_overrides=(), nproc=2):
     init = f"\n    init_from: {init_from}" if init_from else ""
-    gate_line = f"\n    gate: {CONFIGS / 'gates' / (gate + '.yaml')}\n    gate_overrides: {GATE_OVERRIDES}" if gate else ""
+    overrides = "[" + ", ".join(GATE_OVERRIDES + list(gate_overrides)) + "]"
+    gate_line = f"\n    gate: {CONFIGS / 'gates' / (gate + '.yaml')}\n    gate_overrides: {overrides}" if gate else ""
     return f"""
   - name: {name}
     kind: train
     config: {CONFIGS / 'train' / 'tiny_cpu.yaml'}
     data_from: curated
     resolution: {resolution}
-    nproc: 2{init}
+    nproc: {nproc}{init}
     overrides: [max_steps={steps}, checkpoint.every={steps}, global_batch=8, logging.wandb=false]{gate_line}
 """
 
@@ -98,6 +105,10 @@ def test_pipeline_runs_two_stages_end_to_end(interrupted_then_finished):
     rows = {row["stage"]: row for row in json.loads(status.stdout)}
     assert rows["stage_64"]["promoted"].endswith("step_00000004")
     assert rows["stage_32"]["checkpoints"][0]["decision"] == "promote"
+    # stage_64 started from stage_32, so its gate held it to stage_32's promoted scores.
+    verdict = json.loads((Path(rows["stage_64"]["promoted"]) / "gate_verdict.json").read_text())
+    assert verdict["baseline"]["stage"] == "stage_32"
+    assert [c["baseline"]["stage"] for c in verdict["checks"] if c["check"] == "max_regression"] == ["stage_32"]
 
 
 def test_rerun_after_kill_does_not_redo_finished_stages(interrupted_then_finished):
@@ -110,17 +121,32 @@ def test_rerun_after_kill_does_not_redo_finished_stages(interrupted_then_finishe
     assert record(tmp, "stage_64")["attempt"] == 2
 
 
-def test_stage_without_promoted_checkpoint_refuses_to_start(interrupted_then_finished):
+def test_a_rejected_gate_stops_the_pipeline_and_the_next_stage_waits(interrupted_then_finished, capsys):
     tmp, _, _, _ = interrupted_then_finished
-    # Same store: the data stages are done; stage_nogate trains but has no gate, so promotes nothing.
-    path = pipeline_file(tmp, "blocked", DATA_STAGES + train_stage("stage_nogate", 32, 2, gate="")
-                         + train_stage("stage_next", 64, 2, init_from="stage_nogate"))
+    from deco.pipeline.cli import main
+
+    # Same store: the data stages are done; stage_low trains (1 rank, 2 steps: quick), and its gate
+    # asks for a perfect score.
+    path = pipeline_file(tmp, "rejected", DATA_STAGES
+                         + train_stage("stage_low", 32, 2, nproc=1,
+                                       gate_overrides=["thresholds.min_overall=1.0", "report.wandb=false"])
+                         + train_stage("stage_next", 64, 2, init_from="stage_low"))
     result = subprocess.run([sys.executable, "-m", "deco.pipeline.cli", "pipeline", "run", str(path)],
                             capture_output=True, text=True, timeout=600, cwd=tmp)
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "stage 'stage_next' cannot start: stage 'stage_nogate' has promoted no checkpoint" in result.stdout
-    assert record(tmp, "stage_next") is None                   # never marked as started
+    checkpoint = tmp / "store" / "stage_low" / "checkpoints" / "step_00000002"
+    where = re.escape(str(checkpoint))  # the one line: checkpoint, failed check, value < threshold, report
+    assert re.fullmatch(rf"deco: error: stage stage_low rejected: checkpoint {where} failed min_overall: "
+                        rf"overall 0\.\d{{3}} < 1\.000 \(report {where}/gate/report\.html\)\n", result.stderr)
+    assert (checkpoint / "gate" / "report.html").is_file()
+    assert record(tmp, "stage_low")["status"] == "rejected"
+    assert record(tmp, "stage_next") is None                    # never started
     assert not (tmp / "store" / "stage_next" / "checkpoints").exists()
+    assert main(["pipeline", "status", "--json", str(path)]) == 0
+    rows = {row["stage"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["stage_low"]["state"] == "rejected" and rows["stage_low"]["why"].startswith("step 2 failed min_overall")
+    assert rows["stage_low"]["checkpoints"][0]["decision"] == "reject" and rows["stage_low"]["promoted"] is None
+    assert rows["stage_next"]["state"] == "blocked" and rows["stage_next"]["why"] == "waits for stage_low (rejected)"
 
 
 def test_pipeline_config_errors_name_the_problem(tmp_path):
@@ -130,6 +156,14 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
     bad = pipeline_file(tmp_path, "bad", train_stage("stage_a", 32, 2, init_from="nowhere"))
     with pytest.raises(ConfigError, match="refers to 'curated', which is not an earlier stage"):
         load_pipeline(bad)
+    # Said before the first stage runs, not when the stage that needs it starts hours later:
+    ungated = pipeline_file(tmp_path, "ungated", DATA_STAGES + train_stage("stage_a", 32, 2, gate="")
+                            + train_stage("stage_b", 64, 2, init_from="stage_a"))
+    with pytest.raises(ConfigError, match="'stage_b' starts from the promoted checkpoint of 'stage_a', which has no gate"):
+        load_pipeline(ungated)
+    missing = pipeline_file(tmp_path, "missing", DATA_STAGES.replace("curate_demo.yaml", "curate_dmeo.yaml"))
+    with pytest.raises(ConfigError, match="stage 'curated': config file not found: .*curate_dmeo.yaml"):
+        load_pipeline(missing)
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: x\nstages:\n  - {name: s, kind: synth, sampels: 3}\n")
     with pytest.raises(ConfigError, match=r"did you mean 'stages\[0\]\.samples'"):

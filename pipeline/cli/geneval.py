@@ -13,8 +13,6 @@ from pathlib import Path
 from deco.pipeline.cli.model import add_set_flag
 from deco.pipeline.config import ConfigError
 
-REJECTED_EXIT = 3  # `deco gate run`: the checkpoint was evaluated and rejected
-
 
 class _CurrentStderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (it may be swapped after setup, e.g. by pytest)."""
@@ -85,7 +83,7 @@ def register(commands) -> None:
 
     gate = commands.add_parser("gate", help="stage gates: evaluate checkpoints, promote or reject")
     gate_sub = gate.add_subparsers(dest="gate_command", required=True)
-    run = gate_sub.add_parser("run", help=f"gate one checkpoint by hand (exit 0 promoted, {REJECTED_EXIT} rejected)")
+    run = gate_sub.add_parser("run", help="gate one checkpoint by hand (exit 0 promoted, 3 rejected)")
     run.add_argument("--checkpoint", required=True, help="<stage_uri>/checkpoints/step_XXXXXXXX")
     run.add_argument("--force", action="store_true", help="re-evaluate and overwrite an existing verdict")
     _config_flags(run, "required")
@@ -128,10 +126,8 @@ def generate(args) -> int:
         if not weights.is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
 
-    def progress(done: int, total: int) -> None:
-        print(f"[rank {rank}] generated {done}/{total} prompts", file=sys.stderr, flush=True)
-
-    stats = generate_layout(weights, prompts, out, cfg.generation, rank=rank, world_size=world, progress=progress)
+    # Progress (bar on a terminal, periodic lines in logs) comes from generate_layout itself.
+    stats = generate_layout(weights, prompts, out, cfg.generation, rank=rank, world_size=world)
     print(json.dumps(stats))
     return 0
 
@@ -147,10 +143,7 @@ def score_images(args) -> int:
         cfg.detector.backend = args.detector or cfg.detector.backend
         detector = build_detector(cfg.detector)
 
-    def progress(done: int, total: int, seconds: float) -> None:
-        print(f"scored {done}/{total} images ({done / max(seconds, 1e-9):.1f} img/s)", file=sys.stderr, flush=True)
-
-    results = score(args.images, detector, args.detections, args.save_detections, progress)
+    results = score(args.images, detector, args.detections, args.save_detections)
     path = write_results(results, args.out)
     print(f"{sum(r['correct'] for r in results)}/{len(results)} images correct -> {path}")
     return 0
@@ -191,23 +184,21 @@ def synthetic_prompts(args) -> int:
 
 
 def gate_run(args) -> int:
-    from deco.pipeline.train.manifest import CheckpointError
+    from deco.pipeline.evaluate.decision import GateRejected, rejection_line
     from deco.pipeline.evaluate.gate import evaluate_checkpoint, read_verdict
 
     _logging()
     if args.config is None:
         raise ConfigError("deco gate run needs --config (a configs/gates name or file)")
     cfg = _gate_config(args.config, args.overrides)
-    try:
-        existing = None if args.force else read_verdict(args.checkpoint)
-        verdict = existing or evaluate_checkpoint(args.checkpoint, cfg, force=args.force)
-    except CheckpointError as err:
-        print(f"deco: error: {err}", file=sys.stderr)
-        return 2
+    existing = None if args.force else read_verdict(args.checkpoint)
+    verdict = existing or evaluate_checkpoint(args.checkpoint, cfg, force=args.force)
     if existing is not None:
         print("a verdict exists (use --force to re-evaluate):", file=sys.stderr)
     print(json.dumps(verdict, indent=2))
-    return 0 if verdict["decision"] == "promote" else REJECTED_EXIT
+    if verdict["decision"] != "promote":  # the verdict on stdout; why, in one line, on stderr
+        raise GateRejected(f"gate {verdict.get('stage') or cfg.stage or args.config} rejected: {rejection_line(verdict)}")
+    return 0
 
 
 def gate_watch(args) -> int:

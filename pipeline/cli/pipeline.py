@@ -19,15 +19,16 @@ def register(commands) -> None:
 
 
 def run_pipeline(args) -> int:
-    from deco.pipeline.stages import PipelineRunner, StageBlocked, format_status, load_pipeline
+    from deco.pipeline.stages import PipelineRunner, PipelineStopped, format_status, load_pipeline
 
     runner = PipelineRunner(load_pipeline(args.file, args.overrides))
     try:
         runner.run()
-    except StageBlocked as err:
-        print(f"deco: blocked: {err}")
-        print(format_status(runner.status()))
-        return 3
+    except PipelineStopped:
+        # Where every stage stands (the stopped one, those waiting for it) on stdout; why it
+        # stopped is the one `deco: error:` line on stderr (cli/main.py).
+        print(format_status(runner.status()), flush=True)
+        raise
     print(format_status(runner.status()))
     return 0
 

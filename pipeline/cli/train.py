@@ -47,11 +47,6 @@ def register(commands) -> None:
     export.set_defaults(handler=run_export)
 
 
-def _fail(message: str) -> int:
-    print(f"deco: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _stage_of(args) -> tuple[str, str]:
     """(run_dir, checkpoint stage URI) from the raw config tree: the launcher process only needs
     these, and leaves importing torch and validating the config to the ranks it starts."""
@@ -65,9 +60,8 @@ def _stage_of(args) -> tuple[str, str]:
 
 
 def run_train(args) -> int:
-    from deco.data.object_store import StorageError
+    from deco.data.errors import ExpectedError
     from deco.orchestration.launch import joined_world, single_process_world, spawn_local
-    from deco.pipeline.train.manifest import CheckpointError
 
     world = joined_world()
     if world is not None and args.nproc not in (None, world.world_size):
@@ -81,10 +75,7 @@ def run_train(args) -> int:
         # A named checkpoint that is not complete fails here, before any rank starts; `auto` is
         # resolved by the ranks, which verify checksums and fall back past a corrupt checkpoint.
         if args.resume not in ("", "none", "auto"):
-            try:
-                resolve_resume(args.resume, stage)
-            except CheckpointError as err:
-                return _fail(str(err))
+            resolve_resume(args.resume, stage)
         argv = [sys.executable, "-m", "deco.pipeline.cli", "train", "--config", args.config,
                 "--run-dir", run_dir, "--resume", args.resume or "none"]
         for flag, value in (("--data", args.data), ("--max-steps", args.max_steps),
@@ -105,15 +96,16 @@ def run_train(args) -> int:
         cfg = load_train_config(args.config, args.overrides, data=args.data, max_steps=args.max_steps,
                                 checkpoint_every=args.checkpoint_every, run_dir=args.run_dir)
         return train(cfg, world, args.resume)
-    except (ConfigError, CheckpointError, StorageError, FileNotFoundError) as err:
-        # Every rank meets the same mistake: rank 0 says it; the others leave it the time to.
+    except (ExpectedError, FileNotFoundError):
+        # Every rank meets the same mistake: rank 0 says it (cli/main.py, exit 2); the others leave
+        # it the time to.
         if world.rank == 0:
-            return _fail(str(err))
+            raise
         time.sleep(1.0)
         return 2
     except NonFiniteLossError as err:
         if world.rank == 0:
-            print(f"deco: training stopped: {err}", file=sys.stderr)
+            print(f"deco: error: training stopped: {err}", file=sys.stderr)
         return 1
     except PeerLostError as err:
         # A rank or node is gone: the lowest rank still answering says so, in one line. Exit 2, as
@@ -163,11 +155,7 @@ def run_launch(args) -> int:
 
 
 def run_export(args) -> int:
-    from deco.pipeline.train.manifest import CheckpointError
     from deco.pipeline.train.export import export_checkpoint
 
-    try:
-        print(export_checkpoint(args.checkpoint, args.out, ema=args.ema))
-    except CheckpointError as err:
-        return _fail(str(err))
+    print(export_checkpoint(args.checkpoint, args.out, ema=args.ema))
     return 0

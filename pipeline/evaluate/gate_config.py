@@ -4,8 +4,9 @@ and the policy that promotes or rejects a checkpoint of the stage.
 Policy (all checks must pass):
 - overall GenEval score (mean of the task accuracies) >= thresholds.min_overall;
 - each task named in thresholds.min_task >= its minimum;
-- against the stage's last promoted checkpoint (when there is one, evaluated on the same prompt
-  set): the overall score may drop by at most thresholds.max_regression, and each task by at most
+- against the stage's last promoted checkpoint, or before it has one the promoted checkpoint of
+  the stage it started from (baseline_uri), when evaluated on the same prompt set: the overall score
+  may drop by at most thresholds.max_regression, and each task by at most
   thresholds.max_task_regression (absolute accuracy; null disables the check).
 """
 from __future__ import annotations
@@ -54,6 +55,9 @@ class ReportConfig:
 class GateConfig:
     stage: str = ""                     # the stage's name, e.g. t2i_256
     stage_uri: str = ""                 # where its checkpoints land: <stage_uri>/checkpoints/step_*/
+    # The stage this one started from (the pipeline sets it from init_from): until this stage promotes
+    # a checkpoint, that stage's promoted scores are the baseline of the regression checks.
+    baseline_uri: str = ""
     prompts: str = "official"           # official | synthetic | a prompt file (evaluation_metadata.jsonl format)
     synthetic_per_task: int = 0         # with prompts: synthetic, prompts per task (0: all combinations)
     synthetic_seed: int = 0

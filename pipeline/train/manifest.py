@@ -23,8 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deco.data.object_store import join, open_store
 from deco.data.checksum import file_checksum
+from deco.data.errors import ExpectedError
+from deco.data.object_store import join, open_store
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ FORMATS = ("deco-checkpoint/1", FORMAT)     # /1: sizes only, written before che
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ExpectedError, RuntimeError):
     pass
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from deco.data.errors import ExpectedError
 from deco.data.streaming import TrainLoader, clean_stale_shared_memory
 from deco.model.config import identity_differences
 from deco.model.flops import deco_flops
@@ -96,7 +97,8 @@ class Trainer:
         # The shard cache is per node (streaming coordinates the ranks of one node through /tmp).
         self.loader = TrainLoader(cfg.data, cfg.resolution, self.micro_batch,
                                   Path(cfg.data.cache_dir or self.run_dir / "data_cache") / socket.gethostname(),
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", world_size=world.world_size,
+                                  multiple=cfg.model.dit.patch_size)
         clock.lap("data")
         # 3. frozen networks
         self.encoder = frozen(cfg.text_encoder.build(self.device), self.device)
@@ -310,6 +312,7 @@ class Trainer:
         self.checkpointer.save(self.step, self.engine, self.ema, self.loader.state_dict(), trainer_state,
                                self.cfg.to_yaml())
         self.last_saved_step = self.step
+        self.metrics.write_loss_curve()  # a picture of the run so far, beside its metrics.jsonl
 
     def _resume(self, candidates: list, explicit: bool) -> None:
         """Restore the first intact checkpoint of `candidates` (newest first). A checkpoint whose
@@ -416,6 +419,11 @@ def train(cfg: TrainConfig, world: DistWorld, resume: str = "") -> int:
     except Exception as err:
         cause = peer_failure(err) if world.world_size > 1 else None
         if cause is None:
+            if isinstance(err, ExpectedError):
+                # Left to interpreter exit, gloo's threads can abort the process ("terminate called
+                # without an active exception", exit 134) after the one-line error was printed.
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
             raise
         # The loader's workers may be dying with the job: no second exception while this rank reports.
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
