@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 from deco.data.object_store import join, open_store
-from deco.pipeline.evaluate.gate import VERDICT, decide, evaluate_checkpoint, promoted_checkpoint, read_promoted
+from deco.pipeline.evaluate.decision import decide, rejection_line
+from deco.pipeline.evaluate.gate import (VERDICT, evaluate_checkpoint, promote, promoted_checkpoint, read_promoted,
+                                         regression_baseline)
+from deco.pipeline.train.manifest import CheckpointRef
 from deco.pipeline.evaluate.gate_config import Thresholds, load_gate_config
 from deco.pipeline.evaluate.geneval.prompts import prompts_digest, resolve_prompts
 from geneval_helpers import FAST_GATE, read_store_json, tiny_weights, write_checkpoint
@@ -36,15 +39,15 @@ def test_gate_passes_when_every_check_holds():
 
 def test_gate_fails_on_a_task_minimum():
     passed, reasons, _ = decide(summary(counting=0.3), Thresholds(min_overall=0.5, min_task={"counting": 0.4}), None, "set-a")
-    assert not passed and reasons == ["counting 0.3000 < minimum 0.4000"]
+    assert not passed and reasons == ["min_task.counting: counting 0.300 < 0.400"]
 
 
 def test_gate_fails_on_regression_against_the_promoted_checkpoint():
     thresholds = Thresholds(max_regression=0.03, max_task_regression=0.1)
     passed, reasons, _ = decide(summary(position=0.5), thresholds, baseline(), "set-a")
     assert not passed
-    assert reasons[0].startswith("overall regressed by 0.0500 vs promoted step 100 (0.8000 -> 0.7500)")
-    assert reasons[1].startswith("position regressed by 0.3000")
+    assert reasons == ["max_regression: overall dropped 0.050 > 0.030 (0.800 -> 0.750 vs step 100)",
+                       "max_task_regression.position: position dropped 0.300 > 0.100 (0.800 -> 0.500 vs step 100)"]
     # Scores from another prompt set are not comparable: no regression check.
     assert decide(summary(position=0.5), thresholds, baseline(digest="set-b"), "set-a")[0]
 
@@ -53,7 +56,37 @@ def test_a_task_without_images_fails_its_minimum():
     scores = summary()
     del scores["tasks"]["position"]
     passed, reasons, _ = decide(scores, Thresholds(min_task={"position": 0.1}), None, "d")
-    assert not passed and reasons == ["position: no images scored"]
+    assert not passed and reasons == ["min_task.position: no position images scored"]
+
+
+def test_a_rejection_is_one_line_built_from_the_recorded_checks():
+    passed, reasons, checks = decide(summary(counting=0.39996), Thresholds(min_overall=0.9, min_task={"counting": 0.4}),
+                                     None, "d")
+    assert checks[0] == {"check": "min_overall", "metric": "overall", "value": pytest.approx(0.733327),
+                         "threshold": 0.9, "passed": False}
+    verdict = {"checkpoint": {"uri": "s3://b/s/checkpoints/step_00000240", "step": 240}, "checks": checks,
+               "reasons": reasons, "report": {"html": "s3://b/s/checkpoints/step_00000240/gate/report.html"}}
+    # Printed equal at 3 decimals, 0.39996 and 0.4 get the digits that tell them apart.
+    assert rejection_line(verdict) == ("checkpoint s3://b/s/checkpoints/step_00000240 failed min_overall: overall "
+                                       "0.733 < 0.900; min_task.counting: counting 0.39996 < 0.40000 "
+                                       "(report s3://b/s/checkpoints/step_00000240/gate/report.html)")
+
+
+def test_a_stage_started_from_another_must_not_fall_behind_its_promoted_scores(tmp_path):
+    first, second = str(tmp_path / "stage_32"), str(tmp_path / "stage_64")
+    scores = summary()
+    verdict = {"scores": {"overall": scores["overall"], "tasks": {t: 0.8 for t in TASKS}}, "prompts": {"digest": "set-a"}}
+    promote(first, "stage_32", CheckpointRef(360, join(first, "checkpoints", "step_00000360")), verdict)
+    ref = CheckpointRef(240, join(second, "checkpoints", "step_00000240"))
+    # Until stage_64 promotes a checkpoint, stage_32's promoted scores are its baseline.
+    assert regression_baseline(second, ref) is None
+    baseline = regression_baseline(second, ref, first)
+    passed, reasons, _ = decide(summary(colors=0.2), Thresholds(max_regression=0.05), baseline, "set-a")
+    assert not passed and reasons == ["max_regression: overall dropped 0.100 > 0.050 (0.800 -> 0.700 vs stage_32 step 360)"]
+    # Once it has its own, that is what a later checkpoint is held to.
+    promote(second, "stage_64", ref, verdict)
+    later = CheckpointRef(480, join(second, "checkpoints", "step_00000480"))
+    assert regression_baseline(second, later, first)["stage"] == "stage_64"
 
 
 def test_bad_thresholds_are_config_errors():
@@ -102,7 +135,7 @@ def test_local_gate_promotes_records_reports_and_checks_regression(tmp_path, wei
     second = write_checkpoint(stage, 20, weights)
     rejected = evaluate_checkpoint(second, cfg)
     assert rejected["decision"] == "reject" and rejected["baseline"]["step"] == 15
-    assert rejected["reasons"][0].startswith("overall regressed by")
+    assert rejected["reasons"][0].startswith("max_regression: overall dropped")
     assert read_promoted(stage)["step"] == 15
 
 
@@ -133,10 +166,29 @@ def test_s3_gate_by_hand_promotes_rejects_and_never_evaluates_unfinished(s3_buck
     code, out, err = gate_run(second, "--set", "thresholds.min_task.counting=0.5")
     assert code == 3, err
     rejected = json.loads(out)
-    assert rejected["decision"] == "reject" and rejected["reasons"][0].startswith("counting 0.0000 < minimum 0.5000")
+    assert rejected["decision"] == "reject" and rejected["reasons"] == ["min_task.counting: counting 0.000 < 0.500"]
+    # Why, in one line ending stderr (after the progress log): checkpoint, check, value, threshold, report.
+    assert err.rstrip("\n").splitlines()[-1] == (f"deco: error: gate demo_32 rejected: checkpoint {second} failed "
+                                                  f"min_task.counting: counting 0.000 < 0.500 (report "
+                                                  f"{join(second, 'gate/report.html')})")
+    assert err.count("deco: error:") == 1 and "Traceback" not in err
     assert read_store_json(stage, "promoted.json")["step"] == 10
     # No manifest: never evaluated, no verdict.
     third = write_checkpoint(stage, 30, weights, manifest=False)
     code, out, err = gate_run(third)
     assert code == 2 and "never evaluated" in err
     assert read_store_json(third, VERDICT) is None
+
+
+@pytest.mark.parametrize("gate", ["demo_32", "demo_64"])
+def test_the_demo_gates_reject_an_untrained_model(gate, tmp_path, weights):
+    """The shipped minimums, not the plumbing tests' any-score: a model at its initialisation (which is
+    also what lr 0 leaves, its EMA included) is rejected on min_overall and on single_object."""
+    from geneval_helpers import ANY_SCORE
+
+    checkpoint = write_checkpoint(str(tmp_path / "stage"), 10, weights)
+    cheap = [o for o in FAST_GATE if o not in ANY_SCORE]
+    verdict = evaluate_checkpoint(checkpoint, load_gate_config(gate, cheap + [f"work_dir={tmp_path / 'work'}"]))
+    assert verdict["decision"] == "reject"
+    failed = {c["check"] for c in verdict["checks"] if not c["passed"]}
+    assert {"min_overall", "min_task.single_object"} <= failed

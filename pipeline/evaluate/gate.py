@@ -6,13 +6,15 @@ Records in object storage (the layout of pipeline/train/manifest.py):
     <stage_uri>/checkpoints/step_N/gate/report.html    self-contained HTML report
     <stage_uri>/checkpoints/step_N/gate/results.jsonl  per-image results (official fields)
     <stage_uri>/checkpoints/step_N/gate/summary.json   the GenEval summary
+    <stage_uri>/checkpoints/step_N/gate/grid.png       fixed prompts x seeds, green/red by score
     <stage_uri>/promoted.json                          the stage's promoted checkpoint (read by the next stage)
 
 Verdict (format deco-gate-verdict/1): stage, checkpoint {uri, step}, decision ("promote" | "reject"),
-reasons (the failed checks, or why it could not be evaluated), checks [{check, value, threshold,
-passed}], scores {overall, tasks, correct_images_fraction, total_images, total_prompts}, baseline
-(the promoted record it was compared with, or null), prompts {set, digest, count}, generation,
-scoring, report {html, results, summary, wandb}, thresholds, evaluation {watcher_id, attempt, host,
+reasons (the failed checks in words, or why it could not be evaluated), checks [{check, metric, value,
+threshold, passed, baseline (regressions)}] (see decision.py), scores {overall, tasks,
+correct_images_fraction, total_images, total_prompts}, baseline (the promoted record it was compared
+with: {stage, step, checkpoint_uri, overall}, or null), prompts {set, digest, count}, generation,
+scoring, report {html, results, summary, wandb, grid}, thresholds, evaluation {watcher_id, attempt, host,
 started_unix, finished_unix}, error (null, or why it was rejected unevaluated).
 
 Promotion only moves forward: promoted.json names the newest promoted step; a passing checkpoint
@@ -34,6 +36,7 @@ from pathlib import Path
 from deco.data.object_store import is_s3, join, open_store
 from deco.pipeline.train.manifest import STEP_DIR, CheckpointError, CheckpointRef, read_manifest
 from deco.pipeline.config import ConfigError, to_dict
+from deco.pipeline.evaluate.decision import decide
 from deco.pipeline.evaluate.gate_config import GateConfig, dump_gate_config
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,17 @@ def promoted_checkpoint(stage_uri: str) -> CheckpointRef | None:
     return ref
 
 
+def regression_baseline(stage_uri: str, ref: CheckpointRef, baseline_uri: str = "") -> dict | None:
+    """The promoted record whose scores `ref` must not fall behind: the stage's own last promoted
+    checkpoint; before the stage has one (or when `ref` is it), the promoted checkpoint of the stage
+    it started from (`baseline_uri`, the pipeline's init_from), so a new stage cannot lose what the
+    last one reached."""
+    current = read_promoted(stage_uri)
+    if current is not None and current["step"] != ref.step:
+        return current
+    return read_promoted(baseline_uri) if baseline_uri else None
+
+
 def checkpoint_ref(checkpoint_uri: str) -> tuple[str, CheckpointRef]:
     """(stage_uri, ref) of `<stage_uri>/checkpoints/step_XXXXXXXX`."""
     uri = str(checkpoint_uri).rstrip("/")
@@ -118,47 +132,6 @@ def promote(stage_uri: str, stage: str, ref: CheckpointRef, verdict: dict) -> di
     open_store(stage_uri).put_bytes(PROMOTED, json.dumps(record, indent=2).encode())
     log.info("promoted %s (overall %.4f)", ref.uri, record["overall"])
     return record
-
-
-# ---- the decision ------------------------------------------------------------------------------
-
-def decide(summary: dict, thresholds, baseline: dict | None, prompts_digest: str) -> tuple[bool, list[str], list[dict]]:
-    """(passed, reasons for failing, every check made) of a GenEval summary against the policy."""
-    tasks = {tag: t["accuracy"] for tag, t in summary["tasks"].items()}
-    checks, reasons = [], []
-
-    def check(name: str, value: float | None, threshold: float, passed: bool, reason: str) -> None:
-        checks.append({"check": name, "value": value, "threshold": threshold, "passed": passed})
-        if not passed:
-            reasons.append(reason)
-
-    overall = summary["overall"]
-    check("min_overall", overall, thresholds.min_overall, overall >= thresholds.min_overall,
-          f"overall {overall:.4f} < minimum {thresholds.min_overall:.4f}")
-    for tag, minimum in sorted(thresholds.min_task.items()):
-        value = tasks.get(tag)
-        check(f"min_task.{tag}", value, minimum, value is not None and value >= minimum,
-              f"{tag} {value:.4f} < minimum {minimum:.4f}" if value is not None else f"{tag}: no images scored")
-    if baseline is not None and baseline.get("prompts_digest") == prompts_digest:
-        where = f"promoted step {baseline['step']}"
-        if thresholds.max_regression is not None:
-            drop = baseline["overall"] - overall
-            check("max_regression", round(drop, 6), thresholds.max_regression, drop <= thresholds.max_regression + 1e-12,
-                  f"overall regressed by {drop:.4f} vs {where} ({baseline['overall']:.4f} -> {overall:.4f}), "
-                  f"more than {thresholds.max_regression:.4f}")
-        if thresholds.max_task_regression is not None:
-            for tag, before in sorted(baseline["tasks"].items()):
-                before = before["accuracy"] if isinstance(before, dict) else before
-                if tag not in tasks:
-                    continue
-                drop = before - tasks[tag]
-                check(f"max_task_regression.{tag}", round(drop, 6), thresholds.max_task_regression,
-                      drop <= thresholds.max_task_regression + 1e-12,
-                      f"{tag} regressed by {drop:.4f} vs {where} ({before:.4f} -> {tasks[tag]:.4f}), "
-                      f"more than {thresholds.max_task_regression:.4f}")
-    elif baseline is not None:
-        log.warning("promoted step %s was scored on another prompt set: regression not checked", baseline["step"])
-    return not reasons, reasons, checks
 
 
 # ---- one evaluation ----------------------------------------------------------------------------
@@ -217,6 +190,8 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
     """
     from deco.pipeline.evaluate.geneval.detectors import build_detector
     from deco.pipeline.evaluate.geneval.prompts import prompts_digest, resolve_prompts, write_prompts
+    from deco.pipeline.evaluate.compare import reference_scores
+    from deco.pipeline.evaluate.geneval.grid import write_sample_grid
     from deco.pipeline.evaluate.geneval.report import log_to_wandb, write_html_report
     from deco.pipeline.evaluate.geneval.score import score_images, write_results
     from deco.pipeline.evaluate.geneval.summary import summarize, write_summary
@@ -244,21 +219,25 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
     _check_owner(owns, ref)  # a watcher taken over must not overwrite the new owner's reports
     store = open_store(ref.uri)
     report = {"html": None, "results": join(ref.uri, GATE_DIR, "results.jsonl"),
-              "summary": join(ref.uri, GATE_DIR, "summary.json"), "wandb": None}
+              "summary": join(ref.uri, GATE_DIR, "summary.json"), "wandb": None,
+              "grid": join(ref.uri, GATE_DIR, "grid.png")}
+    # From the images already generated and scored: the grid costs no sampling.
+    grid = write_sample_grid(results, local / "grid.png", f"{title} · overall {summary['overall']:.3f}")
+    store.put_file(f"{GATE_DIR}/grid.png", grid)
     if cfg.report.html:
-        write_html_report(results, summary, local / "report.html", title, cfg.report.thumbnail)
+        write_html_report(results, summary, local / "report.html", title, cfg.report.thumbnail, grid=grid,
+                          compare=reference_scores(ref.uri), label=f"{cfg.stage or 'this checkpoint'} step {ref.step}")
         store.put_file(f"{GATE_DIR}/report.html", local / "report.html")
         report["html"] = join(ref.uri, GATE_DIR, "report.html")
     if cfg.report.wandb:
         report["wandb"] = log_to_wandb(results, summary, project=cfg.report.wandb_project,
                                        name=f"{cfg.stage or 'stage'}-step{ref.step}", directory=local / "wandb",
-                                       config={"stage": cfg.stage, "checkpoint": ref.uri}, step=ref.step)
+                                       config={"stage": cfg.stage, "checkpoint": ref.uri}, step=ref.step, grid=grid)
     store.put_file(f"{GATE_DIR}/results.jsonl", local / "results.jsonl")
     store.put_file(f"{GATE_DIR}/summary.json", local / "summary.json")
 
     digest = prompts_digest(prompts)
-    current = read_promoted(stage_uri)
-    baseline = current if current is not None and current["step"] != ref.step else None
+    baseline = regression_baseline(stage_uri, ref, cfg.baseline_uri)
     passed, reasons, checks = decide(summary, cfg.thresholds, baseline, digest)
     verdict = {
         "format": VERDICT_FORMAT, "stage": cfg.stage, "checkpoint": {"uri": ref.uri, "step": ref.step},
@@ -266,7 +245,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: GateConfig, weights_for: Weigh
         "scores": {"overall": summary["overall"], "tasks": {t: v["accuracy"] for t, v in summary["tasks"].items()},
                    "correct_images_fraction": summary["correct_images_fraction"],
                    "total_images": summary["total_images"], "total_prompts": summary["total_prompts"]},
-        "baseline": None if baseline is None else {k: baseline[k] for k in ("step", "checkpoint_uri", "overall")},
+        "baseline": None if baseline is None else {k: baseline.get(k) for k in ("stage", "step", "checkpoint_uri", "overall")},
         "prompts": {"set": cfg.prompts, "digest": digest, "count": len(prompts)},
         "generation": generation,
         "scoring": {"detector": detector.name, "seconds": round(score_seconds, 2),

@@ -1,5 +1,6 @@
 """Training metrics: one JSON object per optimizer step in <run_dir>/metrics.jsonl, the same to wandb
-(offline unless the user is logged in), sample grids every K steps, a progress line on rank 0.
+(offline unless the user is logged in), sample grids every K steps, a progress line on rank 0,
+and the loss curve <run_dir>/loss_curve.png (pipeline/train/loss_curve.py).
 
 MFU = achieved training FLOP/s per device / the device's dense bf16 peak, with the model's FLOPs
 from deco.model.flops (generator + REPA projector, forward + backward; frozen encoders excluded).
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from deco.orchestration.progress import Progress
+from deco.pipeline.train.loss_curve import LOSS_CURVE, LossHistory, save_loss_curve
+
 log = logging.getLogger(__name__)
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets, matched
@@ -39,7 +43,10 @@ class LoggingConfig:
     project: str = "deco"
     entity: str = ""
     name: str = ""                 # "" = the run directory's name
-    console_every: int = 1         # progress line on rank 0 every N steps
+    # Rank 0 shows progress (deco.orchestration.progress): a bar on a terminal, a line with the
+    # latest metrics every DECO_PROGRESS_EVERY seconds (30) in a log.
+    progress: bool = True
+    console_every: int = 0         # besides, a full metrics line every N steps (0 = never)
     sample_every: int = 0          # EMA sample grid every N steps (0 = never)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a red circle", "a photo of a blue square",
@@ -109,8 +116,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = _rewound(self.run_dir / "metrics.jsonl", start_step)
         self._samples = _rewound(self.run_dir / "samples.jsonl", start_step) if cfg.record_sample_ids else None
+        # Seeded from the steps kept from earlier launches: a resumed run's curve starts at step 1.
+        self._history = LossHistory.from_jsonl(self.run_dir / "metrics.jsonl")
         if cfg.wandb:
             self._wandb = self._init_wandb(config, start_step)
+        self._progress = Progress("train", max_steps, unit="step", initial=start_step - 1, enabled=cfg.progress)
 
     def _init_wandb(self, config: dict, start_step: int):
         try:
@@ -129,11 +139,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._metrics.write(json.dumps(record) + "\n")
+        self._history.add(record)
         if self._wandb is not None:
             self._wandb.log(wandb_values(record), step=record["step"])
+        self._progress.update(1, note=metrics_note(record))
         step = record["step"]
         if self.cfg.console_every and (step % self.cfg.console_every == 0 or step == self.max_steps):
-            print(progress_line(record, self.max_steps, time.perf_counter() - self._start), flush=True)
+            self._progress.print(progress_line(record, self.max_steps, time.perf_counter() - self._start))
 
     def log_sample_ids(self, step: int, ids: list[str]) -> None:
         if self.enabled and self._samples is not None:
@@ -145,9 +157,22 @@ class MetricsLogger:
 
             self._wandb.log({"samples": wandb.Image(str(grid_path), caption=" | ".join(prompts))}, step=step)
 
+    def write_loss_curve(self) -> Path | None:
+        """Redraw <run_dir>/loss_curve.png (rank 0; the trainer calls it at each checkpoint, close()
+        at the end). A picture that cannot be drawn is logged, never a reason to stop training."""
+        if not self.enabled:
+            return None
+        try:
+            return save_loss_curve(self._history, self.run_dir / LOSS_CURVE, self.cfg.name or self.run_dir.name)
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("loss curve not drawn: %s", err)
+            return None
+
     def close(self) -> None:
         if not self.enabled:
             return
+        self._progress.close()
+        self.write_loss_curve()
         self._metrics.close()
         if self._samples is not None:
             self._samples.close()
@@ -186,10 +211,20 @@ def _rewound(path: Path, start_step: int):
 
 
 def progress_line(record: dict, max_steps: int, elapsed: float) -> str:
+    parts = [f"step {record['step']}/{max_steps}", metrics_note(record)]
+    done = record["step"] - record.get("first_step", 1) + 1
+    remaining = max_steps - record["step"]
+    if done > 0 and remaining > 0:
+        parts.append(f"eta {remaining * elapsed / done:.0f}s")
+    return " | ".join(parts)
+
+
+def metrics_note(record: dict) -> str:
+    """A step's metrics in one line: what training progress shows after its step count."""
     if record["loss"] is None:
-        parts = [f"step {record['step']}/{max_steps}", "loss not finite: step skipped"]
+        parts = ["loss not finite: step skipped"]
     else:
-        parts = [f"step {record['step']}/{max_steps}", f"loss {record['loss']:.4f}"]
+        parts = [f"loss {record['loss']:.4f}"]
         parts += [f"{k} {record[k]:.4f}" for k in ("mse", "freq", "repa") if record.get(k) is not None]
     if record.get("grad_norm") is not None:
         parts.append(f"gnorm {record['grad_norm']:.3f}")
@@ -199,8 +234,4 @@ def progress_line(record: dict, max_steps: int, elapsed: float) -> str:
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     parts.append(f"mem {record['memory_gib']:.2f} GiB")
-    done = record["step"] - record.get("first_step", 1) + 1
-    remaining = max_steps - record["step"]
-    if done > 0 and remaining > 0:
-        parts.append(f"eta {remaining * elapsed / done:.0f}s")
     return " | ".join(parts)

@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from deco.model.sampling import SamplerConfig, initial_noise, sample
+from deco.orchestration.progress import Progress
 from deco.pipeline.config import ConfigError
 from deco.pipeline.evaluate.geneval.layout import is_complete, read_generation, write_prompt_folder
 from deco.pipeline.evaluate.geneval.prompts import Prompt
@@ -118,8 +118,11 @@ def _text_encoder(config_json: str, device: str):
 
 def generate_layout(weights: str | Path, prompts: list[Prompt], out_dir: str | Path, cfg: GenerationConfig,
                     rank: int = 0, world_size: int = 1, device: str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate this rank's share of the prompts into `out_dir`; returns counts and timing."""
+                    show_progress: bool = True) -> dict:
+    """Generate this rank's share of the prompts into `out_dir`; returns counts and timing.
+
+    Rank 0 shows its prompts done, with rate and ETA (deco.orchestration.progress) unless
+    show_progress is False."""
     from deco.pipeline.sample import to_pil
     from deco.pipeline.weights import load_weights
 
@@ -149,6 +152,7 @@ def generate_layout(weights: str | Path, prompts: list[Prompt], out_dir: str | P
     if todo:
         encoder = _text_encoder(json.dumps(asdict(text_cfg), sort_keys=True), str(device))
         per_call = max(1, cfg.batch_size // k)
+        bar = Progress("geneval generate", len(todo), unit="prompt", enabled=show_progress, rank=rank)
         for first in range(0, len(todo), per_call):
             chunk = todo[first:first + per_call]
             texts = [p.text for p in chunk for _ in range(k)]
@@ -159,8 +163,8 @@ def generate_layout(weights: str | Path, prompts: list[Prompt], out_dir: str | P
                           "resolution": resolution, "sampler": asdict(cfg.sampler), "weights": str(weights)}
                 write_prompt_folder(out_dir, prompt.index, prompt.metadata,
                                     [to_pil(images[j * k + n]) for n in range(k)], generation=record)
-            if progress is not None:
-                progress(first + len(chunk), len(todo))
+            bar.update(len(chunk), images=len(chunk) * k)
+        bar.close()
     seconds = time.perf_counter() - start
     return {"rank": rank, "world_size": world_size, "prompts": len(mine), "generated": len(todo),
             "kept": len(mine) - len(todo), "images": len(todo) * k, "resolution": resolution,

@@ -1,7 +1,9 @@
-"""Reports of one evaluation: a self-contained HTML page (thumbnails embedded, so the page can sit
-in object storage beside the verdict and be opened anywhere) with the scores, an image grid per task
-(green border: correct, red: failed, the reason on hover) and every failed image with its reasons;
-and the same scores and grids logged to wandb (offline unless the user is logged in).
+"""Reports of one evaluation: a self-contained HTML page (images embedded, so the page can sit in
+object storage beside the verdict and be opened anywhere) that opens with the sample grid
+(grid.sample_grid) and a bar chart of the per-task accuracy beside the scores it is compared with
+(an earlier checkpoint, the stage it started from, an untrained model), then the scores, an image
+grid per task (green border: correct, red: failed, the reason on hover) and every failed image with
+its reasons; and the same scores and grids logged to wandb (offline unless the user is logged in).
 """
 from __future__ import annotations
 
@@ -14,16 +16,20 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from deco.pipeline.charts import bar_chart_svg
+from deco.pipeline.evaluate.geneval.grid import task_grid
 
 log = logging.getLogger(__name__)
-OK_COLOR, FAIL_COLOR = (46, 160, 67), (215, 58, 73)
+# (label, {task: accuracy}) of an evaluation drawn beside this one in the accuracy chart.
+Comparison = tuple[str, dict]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
 .row{display:flex;align-items:center;gap:6px;margin:4px 0}.prompt{width:340px;font-size:13px}
-img{border:3px solid;image-rendering:pixelated}.ok{border-color:#2ea043}.fail{border-color:#d73a49}
+img{border:3px solid;image-rendering:pixelated}.sample-grid{border:none;max-width:100%;image-rendering:auto}.ok{border-color:#2ea043}.fail{border-color:#d73a49}
 .failure{display:flex;gap:12px;margin:8px 0}.reason{white-space:pre-wrap;font-size:13px;color:#d73a49}
 .missing{display:inline-block;border:3px dashed #999;font-size:11px;color:#999}
 """
@@ -54,13 +60,42 @@ def _img(row: dict, size: int, cache: dict) -> str:
     return f'<img class="{css}" src="{uri}" width="{size}" height="{size}" title="{title}">'
 
 
-def render_html(results: list[dict], summary: dict, title: str, thumbnail: int = 96) -> str:
+def accuracies(tasks: dict) -> dict[str, float]:
+    """{task: accuracy} from a GenEval summary's tasks ({accuracy, correct, total}) or a verdict's
+    or promoted record's (plain numbers)."""
+    return {tag: float(v["accuracy"] if isinstance(v, dict) else v) for tag, v in (tasks or {}).items()}
+
+
+def accuracy_chart(summary: dict, compare: list[Comparison] = (), label: str = "this checkpoint") -> str:
+    """Inline SVG: per-task accuracy of this evaluation beside each comparison's, then the overall."""
+    tags = list(summary["tasks"]) + sorted({t for _, tasks in compare for t in accuracies(tasks)} - set(summary["tasks"]))
+    series = [(label, {**accuracies(summary["tasks"]), "overall": summary["overall"]})]
+    for name, tasks in compare:
+        values = accuracies(tasks)
+        if values:  # the overall is the mean of the task accuracies, as GenEval defines it
+            values["overall"] = sum(values.values()) / len(values)
+        series.append((name, values))
+    return bar_chart_svg(tags + ["overall"], series, title="Accuracy per task")
+
+
+def _grid_html(grid) -> str:
+    data = Path(grid).read_bytes()
+    return (f"<p><img class='sample-grid' src='data:image/png;base64,{base64.b64encode(data).decode()}' "
+            f"alt='sample grid: fixed prompts and seeds'></p>")
+
+
+def render_html(results: list[dict], summary: dict, title: str, thumbnail: int = 96, grid: str | Path | None = None,
+                compare: list[Comparison] = (), label: str = "this checkpoint") -> str:
+    """The report page; `grid` (a PNG, e.g. grid.write_sample_grid's) opens it, then the accuracy
+    chart of this evaluation (`label`) beside `compare`."""
     cache: dict = {}
     by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in results:
         by_task[row["tag"]][str(Path(row["filename"]).parent.parent)].append(row)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+           _grid_html(grid) if grid is not None and Path(grid).is_file() else "",
+           f"<div>{accuracy_chart(summary, compare, label)}</div>",
            f"<p><b>Overall (mean of task accuracies): {summary['overall']:.5f}</b> &middot; "
            f"{summary['total_images']} images, {summary['total_prompts']} prompts, "
            f"{summary['correct_images_fraction']:.2%} correct images</p>",
@@ -86,31 +121,14 @@ def render_html(results: list[dict], summary: dict, title: str, thumbnail: int =
 
 
 def write_html_report(results: list[dict], summary: dict, path: str | Path, title: str = "GenEval",
-                      thumbnail: int = 96) -> Path:
+                      thumbnail: int = 96, grid: str | Path | None = None, compare: list[Comparison] = (),
+                      label: str = "this checkpoint") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(render_html(results, summary, title, thumbnail), encoding="utf-8")
+    tmp.write_text(render_html(results, summary, title, thumbnail, grid, compare, label), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def task_grid(rows: list[dict], cell: int = 96, columns: int = 8, limit: int = 32) -> Image.Image:
-    """Up to `limit` images of one task tiled with a green (correct) or red (failed) border."""
-    rows = rows[:limit]
-    count = max(1, len(rows))
-    columns = min(columns, count)
-    lines = -(-count // columns)
-    grid = Image.new("RGB", (columns * cell, lines * cell), (255, 255, 255))
-    for i, row in enumerate(rows):
-        try:
-            with Image.open(row["filename"]) as image:
-                tile = image.convert("RGB").resize((cell - 6, cell - 6), Image.NEAREST)
-        except (OSError, ValueError):
-            tile = Image.new("RGB", (cell - 6, cell - 6), (200, 200, 200))
-        tile = ImageOps.expand(tile, border=3, fill=OK_COLOR if row["correct"] else FAIL_COLOR)
-        grid.paste(tile, ((i % columns) * cell, (i // columns) * cell))
-    return grid
 
 
 def _wandb_mode() -> str:
@@ -126,8 +144,9 @@ def _wandb_mode() -> str:
 
 
 def log_to_wandb(results: list[dict], summary: dict, *, project: str, name: str, directory: str | Path,
-                 config: dict | None = None, step: int | None = None) -> str | None:
-    """Log scores and a grid per task; returns the run's local directory (None if wandb failed)."""
+                 config: dict | None = None, step: int | None = None, grid: str | Path | None = None) -> str | None:
+    """Log scores per task, the sample grid (`grid`, a PNG) and a grid per task; returns the run's
+    local directory (None if wandb failed)."""
     import wandb
 
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -144,6 +163,8 @@ def log_to_wandb(results: list[dict], summary: dict, *, project: str, name: str,
     metrics["geneval/overall"] = summary["overall"]
     for tag, rows in by_task.items():
         metrics[f"geneval_grid/{tag}"] = wandb.Image(task_grid(rows), caption=f"{tag}: green correct, red failed")
+    if grid is not None and Path(grid).is_file():
+        metrics["geneval_grid/samples"] = wandb.Image(str(grid), caption="fixed prompts and seeds: green correct, red failed")
     if step is not None:
         metrics["checkpoint_step"] = step
     run.log(metrics)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from deco.orchestration.progress import Progress
 from deco.pipeline.config import ConfigError
 from deco.pipeline.evaluate.geneval.detections import Detection, DetectionsIndex, read_detections, write_detections
 from deco.pipeline.evaluate.geneval.detectors.base import Detector
@@ -46,8 +45,11 @@ def _result(path: Path, metadata: dict, correct: bool, reason: str, details: dic
 
 def score_images(images_dir: str | Path, detector: Detector | None = None, detections_file: str | Path | None = None,
                  save_detections: str | Path | None = None,
-                 progress: Callable[[int, int, float], None] | None = None) -> list[dict]:
+                 show_progress: bool = True) -> list[dict]:
     """Score every image of every complete prompt folder under `images_dir`.
+
+    Images scored, with rate and ETA, are shown (deco.orchestration.progress) unless show_progress
+    is False.
 
     With `detections_file`, its detections are used and `detector` (optional) only classifies the
     colours the file does not give; without it, `detector` detects.
@@ -83,7 +85,7 @@ def score_images(images_dir: str | Path, detector: Detector | None = None, detec
     results: list[dict] = []
     saved: list[tuple[str, dict[str, list[Detection]]]] = []
     batch_size = detector.batch_size if detector is not None and index is None else 64
-    start = time.perf_counter()
+    bar = Progress("geneval score", len(entries), unit="image", enabled=show_progress)
     for first in range(0, len(entries), batch_size):
         batch = entries[first:first + batch_size]
         loaded = [_load(path) for _, path in batch]
@@ -105,8 +107,8 @@ def score_images(images_dir: str | Path, detector: Detector | None = None, detec
                                   "clause, so pass --detector to classify colours from the pixels") from None
             results.append(_result(path, folder.metadata, decision.correct, decision.reason, decision.details))
             saved.append((str(path.relative_to(images_dir)), found[i]))
-        if progress is not None:
-            progress(len(results), len(entries), time.perf_counter() - start)
+        bar.update(len(batch))
+    bar.close()
     if save_detections is not None:
         write_detections(save_detections, saved)
     return results
