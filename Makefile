@@ -33,9 +33,11 @@ test-cluster: setup
 demo: setup
 	$(VENV)/bin/deco demo
 
-# Every benchmark of this machine; gpu_check.py is the GPU machine's (`make gpu-check`).
+# Every benchmark of this machine; gpu_check.py is the GPU machine's (`make gpu-check`); demo_sweep.py
+# and demo_diagnose.py study a finished `make demo` (its curated shards, its weights): run them by hand.
+BENCH_BY_HAND := benchmarks/gpu_check.py benchmarks/demo_sweep.py benchmarks/demo_diagnose.py
 bench: setup
-	for b in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
+	for b in $(filter-out $(BENCH_BY_HAND),$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -1,0 +1,219 @@
+"""Sweep of the CPU demo's training settings: which tiny DeCo learns shapes in the demo's budget?
+
+Trains in one process (no DeepSpeed: the same model, objective, optimizer maths, EMA rule and
+sampler as the demo's ZeRO-3 stages, without the launch cost) on the demo's curated shards, then
+scores the EMA weights with the demo gate's synthetic GenEval (same prompts, seeds, detector).
+Each variant is a list of stages (resolution, steps, settings); a stage starts from the previous
+stage's weights as `init_from` does. JSON out, one row per (variant, stage), with the training
+CPU seconds, so settings are compared at equal cost.
+
+    python benchmarks/demo_sweep.py --data runs/demo/store/curated --variants base,p4 \
+        [--out benchmarks/results/demo_sweep.json] [--grids /tmp/grids]
+
+`--data` is a curation output holding 32/ and 64/ MDS datasets (what the demo's `curated` stage
+writes; `make demo` leaves one at runs/demo/store/curated).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deco.model.objective import ObjectiveConfig, drop_text, training_loss
+from deco.model.sampling import SamplerConfig
+from deco.model.text_encoder import TextEncoderConfig
+from deco.orchestration.zero3.ema import EmaConfig
+from deco.pipeline.config import load_config
+from deco.pipeline.evaluate.geneval.generate import GenerationConfig, generate_layout
+from deco.pipeline.evaluate.geneval.prompts import resolve_prompts
+from deco.pipeline.evaluate.geneval.score import score_images
+from deco.pipeline.evaluate.geneval.summary import summarize
+from deco.pipeline.train.config import TrainConfig
+from deco.pipeline.weights import save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = ROOT / "configs" / "train" / "tiny_cpu.yaml"
+
+# A variant: model overrides (on configs/model/tiny.yaml via the train config) and stages. Stage
+# keys: res, steps, lr, warmup, batch, ema, shift (training time shift), sample_shift, cfg, sampler_steps.
+BASE_STAGES = [dict(res=32, steps=360, lr=1e-3, warmup=0, batch=16, ema=0.95, shift=1.0, sample_shift=1.0,
+                    cfg=4.0, sampler_steps=10),
+               dict(res=64, steps=240, lr=5e-4, warmup=0, batch=16, ema=0.95, shift=1.0, sample_shift=3.0,
+                    cfg=4.0, sampler_steps=10)]
+
+
+def stages(*changes: dict) -> list[dict]:
+    return [{**base, **change} for base, change in zip(BASE_STAGES, changes)]
+
+
+VARIANTS: dict[str, dict] = {
+    "base": dict(model=[], stages=BASE_STAGES),
+    "p8_32": dict(model=[], stages=BASE_STAGES[:1]),
+    "p4_32": dict(model=["model.dit.patch_size=4"], stages=BASE_STAGES[:1]),
+    "b64_32": dict(model=[], stages=stages(dict(steps=600, batch=64, lr=2e-3, warmup=50, ema=0.98,
+                                                evals=[150, 300]))[:1]),
+    "b64_32mask": dict(model=["model.dit.mask_text_padding=true"],
+                       stages=stages(dict(steps=600, batch=64, lr=2e-3, warmup=50, ema=0.98, evals=[150, 300]))[:1]),
+    "b16_32long": dict(model=[], stages=stages(dict(steps=1440, batch=16, lr=1e-3, warmup=0, ema=0.98,
+                                                    evals=[360, 720]))[:1]),
+}
+
+
+def load_samples(data: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Every sample of <data>/<resolution>/ as ((N, 3, R, R) in [-1, 1], captions), read with streaming."""
+    from streaming import StreamingDataset
+
+    from deco.data.shard_schema import decode_image, image_to_tensor
+
+    local = Path(tempfile.mkdtemp(prefix="demo_sweep_"))
+    shutil.copytree(data / str(resolution), local / "d")
+    dataset = StreamingDataset(local=str(local / "d"), shuffle=False, batch_size=1)
+    images, captions = [], []
+    for row in dataset:
+        images.append(image_to_tensor(decode_image(row["image"])))
+        captions.append(row["caption"])
+    shutil.rmtree(local, ignore_errors=True)
+    return torch.stack(images), captions
+
+
+class Encodings:
+    """Caption -> frozen text features, computed once per caption (the encoder is frozen)."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        self.encoder = cfg.build()
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            text, mask = self.encoder.encode(todo)
+            for i, caption in enumerate(todo):
+                self.cache[caption] = (text[i], mask[i])
+        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
+
+
+def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objective: ObjectiveConfig, seed: int,
+                at_step=None) -> float:
+    images, captions = data
+    ema_cfg = EmaConfig(decay=stage["ema"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    empty = encode.encoder.empty_encoding()
+    objective = copy.deepcopy(objective)
+    objective.time_shift = stage["shift"]
+    ema_params = list(ema_model.parameters())
+    start = time.process_time()
+    for step in range(1, stage["steps"] + 1):
+        lr = stage["lr"] * min(1.0, step / stage["warmup"]) if stage["warmup"] else stage["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(captions), (stage["batch"],), generator=generator)
+        text, mask = encode([captions[i] for i in index])
+        text, mask = drop_text(text, mask, empty, objective.text_dropout, generator)
+        loss = training_loss(model, images[index], text, mask, objective, generator=generator)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = ema_cfg.decay_at(step)
+        with torch.no_grad():
+            for e, p in zip(ema_params, model.parameters()):
+                e.lerp_(p, 1.0 - decay)
+        if at_step is not None and step in stage.get("evals", ()):
+            at_step(step, time.process_time() - start)
+    return time.process_time() - start
+
+
+def evaluate(ema_model, train_cfg: TrainConfig, stage: dict, work: Path, grid: Path | None) -> dict:
+    weights = save_weights(work / "w.safetensors", ema_model, train_cfg.text_encoder)
+    prompts = resolve_prompts("synthetic", synthetic_per_task=6, synthetic_seed=0)
+    gen = GenerationConfig(images_per_prompt=4, seed=0, batch_size=32, autocast="none",
+                           sampler=SamplerConfig(method="adams2", steps=stage["sampler_steps"], cfg_scale=stage["cfg"],
+                                                 time_shift=stage["sample_shift"]))
+    shutil.rmtree(work / "images", ignore_errors=True)
+    start = time.process_time()
+    generate_layout(weights, prompts, work / "images", gen)
+    from deco.pipeline.evaluate.geneval.detectors.synthetic import SyntheticDetector
+
+    results = score_images(work / "images", SyntheticDetector())
+    summary = summarize(results)
+    if grid is not None:
+        from PIL import Image
+
+        files = sorted((work / "images").glob("*/samples/*.png"))[:48]
+        tiles = [Image.open(f).convert("RGB").resize((96, 96), Image.NEAREST) for f in files]
+        sheet = Image.new("RGB", (96 * 8, 96 * math.ceil(len(tiles) / 8)), "white")
+        for i, tile in enumerate(tiles):
+            sheet.paste(tile, (96 * (i % 8), 96 * (i // 8)))
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(grid)
+    return {"overall": summary["overall"], "tasks": {t: v["accuracy"] if isinstance(v, dict) else v
+                                                      for t, v in summary["tasks"].items()},
+            "eval_cpu_s": round(time.process_time() - start, 1)}
+
+
+def run_variant(name: str, variant: dict, data_root: Path, out_rows: list, grids: Path | None, seed: int) -> None:
+    train_cfg = load_config(TrainConfig, TRAIN_CONFIG, list(variant.get("model", [])))
+    torch.manual_seed(seed)
+    model = None
+    encode = Encodings(train_cfg.text_encoder)
+    work = Path(tempfile.mkdtemp(prefix=f"sweep_{name}_"))
+    for index, stage in enumerate(variant["stages"]):
+        train_cfg.model.resolution = stage["res"]
+        if model is None:
+            train_cfg.model.repa.enabled = False
+            model = train_cfg.model.build()
+            ema_model = copy.deepcopy(model)
+        else:
+            model.cfg.resolution = stage["res"]
+            model.load_state_dict(ema_model.state_dict())  # init_from: the promoted EMA weights
+        data = load_samples(data_root, stage["res"])
+        ema_model.cfg.resolution = stage["res"]
+
+        def midway(step: int, cpu: float) -> None:
+            scores = evaluate(ema_model, train_cfg, stage, work, None)
+            row = {"variant": name, "stage": index, **stage, "steps": step, "train_cpu_s": round(cpu, 1), **scores}
+            out_rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        cpu = train_stage(model, ema_model, stage, data, encode, train_cfg.objective, seed + index, midway)
+        grid = grids / f"{name}_{index}_{stage['res']}.png" if grids else None
+        scores = evaluate(ema_model, train_cfg, stage, work, grid)
+        if grids:
+            save_weights(grids / f"{name}_{index}_{stage['res']}.safetensors", ema_model, train_cfg.text_encoder)
+        row = {"variant": name, "stage": index, **stage, "train_cpu_s": round(cpu, 1), **scores}
+        out_rows.append(row)
+        print(json.dumps(row), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(ROOT / "runs" / "demo" / "store" / "curated"))
+    parser.add_argument("--variants", default="base", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_sweep.json"))
+    parser.add_argument("--grids", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    for name in args.variants.split(","):
+        run_variant(name, VARIANTS[name], Path(args.data), rows, Path(args.grids) if args.grids else None, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    kept = [r for r in previous["rows"] if r["variant"] not in {row["variant"] for row in rows}]
+    out.write_text(json.dumps({"rows": kept + rows, "torch_threads": args.threads}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
