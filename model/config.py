@@ -26,11 +26,22 @@ EXECUTION_FIELDS = {"dit": ("attention_backend",)}
 # lacks one was written before the field existed, by the pre-reference architecture (SwiGLU with
 # biases, arange positions, DCT code, one decoder input Linear), which this version does not build.
 VARIANT_FIELDS = {"dit": ("rope_positions", "mlp_bias"), "decoder": ("position_code",)}
+# Fields added later whose default is what older weights were trained as: a config tree without one
+# reads as that default (so older checkpoints still resume and initialise later stages).
+LATER_FIELDS = {"dit": {"pooled_text": False}, "decoder": {"predicts": "velocity", "min_noise_level": 0.05}}
+# What the pixel decoder outputs (DeCo.forward turns either into the velocity the loss and samplers use):
+#   "velocity": x - noise directly, as the reference;
+#   "data":     the clean image x, velocity = (x - x_t) / (1 - t): a network of limited width keeps to
+#               the image manifold instead of having to reproduce the noise (Li & He, "Back to Basics:
+#               Let Denoising Generative Models Denoise", 2025).
+PREDICTS = ("velocity", "data")
 
 
 def model_identity(tree: dict) -> dict:
-    """A model config as a plain tree (ModelConfig fields), without its EXECUTION_FIELDS."""
-    return {section: ({k: v for k, v in value.items() if k not in EXECUTION_FIELDS.get(section, ())}
+    """A model config as a plain tree (ModelConfig fields), without its EXECUTION_FIELDS, with the
+    LATER_FIELDS it lacks at their defaults."""
+    return {section: ({**LATER_FIELDS.get(section, {}),
+                       **{k: v for k, v in value.items() if k not in EXECUTION_FIELDS.get(section, ())}}
                       if isinstance(value, dict) else value) for section, value in tree.items()}
 
 
@@ -72,6 +83,11 @@ class DiTConfig:
     mask_text_padding: bool = False
     rope_positions: str = "reference"   # one of ROPE_POSITIONS
     mlp_bias: bool = False              # SwiGLU Linears with biases (True: the earlier variant, +2H+D per block)
+    # Also condition every AdaLN on the caption: the mean of the text features over valid tokens,
+    # through a small MLP, added to the time embedding (as SD3 adds its pooled text vector). Not in
+    # the reference (False), which conditions on text only through attention; a small model trained
+    # briefly learns the caption much sooner through AdaLN (benchmarks/demo_sweep.py).
+    pooled_text: bool = False
     # How masked attention runs (an unmasked forward always uses plain SDPA, i.e. flash on GPU):
     #   "sdpa": F.scaled_dot_product_attention with a boolean mask, which rules out the flash kernel;
     #   "flex": FlexAttention with a BlockMask built once per forward (fused only under torch.compile;
@@ -104,12 +120,19 @@ class DecoderConfig:
     # Size of the code: pos_freqs^2 values per pixel ("rope_cos": pos_freqs^2 / 2 frequencies, each
     # a cosine per axis; "dct": the first min(pos_freqs, patch)^2 basis functions).
     pos_freqs: int = 8
+    predicts: str = "velocity"       # one of PREDICTS
+    # With predicts "data": the smallest 1 - t divided by, so the velocity stays bounded at t -> 1.
+    min_noise_level: float = 0.05
 
     def code_width(self, patch: int) -> int:
         """Values of the in-patch position code per pixel."""
         return self.pos_freqs**2 if self.position_code == "rope_cos" else min(self.pos_freqs, patch) ** 2
 
     def validate(self) -> None:
+        if self.predicts not in PREDICTS:
+            raise ValueError(f"decoder.predicts={self.predicts!r} is not one of {', '.join(PREDICTS)}")
+        if not 0.0 < self.min_noise_level < 1.0:
+            raise ValueError(f"decoder.min_noise_level={self.min_noise_level} must be within (0, 1)")
         if self.position_code not in POSITION_CODES:
             raise ValueError(f"decoder.position_code={self.position_code!r} is not one of {', '.join(POSITION_CODES)}")
         if self.position_code == "rope_cos" and self.pos_freqs % 2:

@@ -13,6 +13,13 @@ from deco.model.dit import DiT
 from deco.model.repa import repa_projector
 
 
+def data_to_velocity(data: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, min_noise_level: float) -> torch.Tensor:
+    """The velocity of the straight path from x_t to a predicted clean image: (x - x_t) / (1 - t)
+    (flow.py: x_t = t x + (1 - t) noise), with 1 - t kept >= min_noise_level."""
+    noise_level = (1 - t.to(data.dtype)).clamp(min=min_noise_level).reshape(-1, *([1] * (data.ndim - 1)))
+    return (data - x_t.to(data.dtype)) / noise_level
+
+
 class DeCo(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -28,6 +35,8 @@ class DeCo(nn.Module):
         capture = self.cfg.repa.block if return_repa else None
         tokens, t_emb, captured = self.dit(x_t, t, text, text_mask, capture_block=capture)
         velocity = self.decoder(x_t, F.silu(t_emb[:, None, :] + tokens))
+        if self.cfg.decoder.predicts == "data":
+            velocity = data_to_velocity(velocity, x_t, t, self.cfg.decoder.min_noise_level)
         if return_repa:
             return velocity, self.repa_projector(captured)
         return velocity

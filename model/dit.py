@@ -58,6 +58,14 @@ def flex_block_masks(text_mask: torch.Tensor, image_tokens: int) -> tuple[BlockM
     )
 
 
+def pooled_text(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, E) features -> (B, E): their mean over valid tokens (all tokens without a mask)."""
+    if text_mask is None:
+        return text.mean(dim=1)
+    weights = text_mask.to(text.dtype).unsqueeze(-1)
+    return (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 def _run_block(block: AdaLNBlock, *args):
     if block.checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
@@ -74,6 +82,8 @@ class DiT(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, hidden)
         self.text_norm = RMSNorm(hidden)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_len, hidden))
+        self.text_pool = (nn.Sequential(nn.Linear(cfg.text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                          if cfg.pooled_text else None)
         self.text_blocks = nn.ModuleList(
             AdaLNBlock(hidden, cfg.heads, cfg.mlp_hidden, attends_text=False, mlp_bias=cfg.mlp_bias)
             for _ in range(cfg.text_refine_depth)
@@ -132,6 +142,8 @@ class DiT(nn.Module):
 
         tokens = self.patch_embed(patch_vectors(x_t.to(param_dtype), cfg.patch_size))
         t_emb = self.time_embed(t)
+        if self.text_pool is not None:
+            t_emb = t_emb + self.text_pool(pooled_text(text.to(param_dtype), text_mask))
         text_tokens = self.text_norm(self.text_proj(text.to(param_dtype))) + self.text_pos[: text.shape[1]]
         text_self_mask, image_mask = self._masks(text_mask, grid_h * grid_w)
 

@@ -25,6 +25,8 @@ def deco_flops(cfg: ModelConfig, resolution: int | None = None, text_tokens: int
     pixels = res * res
 
     per_sample = dit.time_freq_dim * d + d * d + 6 * d * d * (dit.depth + dit.text_refine_depth)
+    if dit.pooled_text:
+        per_sample += dit.text_dim * d + d * d           # the pooled-caption MLP
     embed = n * 3 * p * p * d + l * dit.text_dim * d
     dense = 4 * d * d + 3 * d * m                       # qkv + out, SwiGLU
     text_block = l * dense + 2 * l * l * d

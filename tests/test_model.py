@@ -126,8 +126,9 @@ def test_bfloat16_forward_is_finite():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-def test_analytic_flops_match_counted_matmul_flops():
-    cfg = tiny_config()
+@pytest.mark.parametrize("variant", [(), ("dit.pooled_text=true", "decoder.predicts=data")])
+def test_analytic_flops_match_counted_matmul_flops(variant):
+    cfg = tiny_config(*variant)
     model = cfg.build().eval()
     x, t, text, mask = inputs(res=cfg.resolution, text_len=cfg.dit.text_len, valid=(32, 32))
     counter = FlopCounterMode(display=False)
