@@ -109,12 +109,16 @@ def test_the_installed_command_says_one_line_or_with_debug_the_traceback(tmp_pat
 def test_ctrl_c_is_one_line_and_exit_130_and_the_stage_shows_interrupted(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text(f"name: p\nroot: {tmp_path / 'store'}\nwork_dir: {tmp_path / 'work'}\n"
-                    "stages:\n  - {name: synth, kind: synth, samples: 50}\n")
+                    "stages:\n  - {name: synth, kind: synth, samples: 20000}\n")
+    # 20,000 samples: the stage runs for minutes, so the signal lands while it runs even when this
+    # process is descheduled for a while on a loaded machine (with 50 samples the pipeline once
+    # finished, exit 0, before a late-waking test sent its signal).
     pipeline = run_deco("pipeline", "run", str(path), start_new_session=True)
     try:
-        log = tmp_path / "work" / "synth" / "data.log"  # written just before the stage's command starts
+        import psutil
+
         deadline = time.monotonic() + 60
-        while not log.exists() and time.monotonic() < deadline:
+        while not psutil.Process(pipeline.pid).children() and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)  # past the fork (a signal during one is lost), while the command imports (~2 s)
         pipeline.send_signal(signal.SIGINT)
