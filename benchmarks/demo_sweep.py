@@ -53,9 +53,32 @@ def stages(*changes: dict) -> list[dict]:
     return [{**base, **change} for base, change in zip(BASE_STAGES, changes)]
 
 
+# A smaller DiT on a finer token grid: 8x8 tokens at 32 px, where patch 8 gives 4x4 (shapes are
+# 1/5 to 1/2 of the scene's side, so at patch 8 a shape is one or two tokens).
+SMALL_P4 = ["model.dit.patch_size=4", "model.dit.hidden=128", "model.dit.heads=2", "model.dit.mlp_hidden=512",
+            "model.dit.depth=4", "model.dit.text_refine_depth=1"]
+
 VARIANTS: dict[str, dict] = {
     "base": dict(model=[], stages=BASE_STAGES),
     "p8_32": dict(model=[], stages=BASE_STAGES[:1]),
+    "pooled_32": dict(model=["model.dit.pooled_text=true"], stages=BASE_STAGES[:1]),
+    "p4s_32": dict(model=SMALL_P4 + ["model.dit.pooled_text=true"],
+                   stages=stages(dict(steps=720, evals=[360]))[:1]),
+    "p4s_x_32": dict(model=SMALL_P4 + ["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                     stages=stages(dict(steps=720, evals=[360]))[:1]),
+    "p4s_x_lr3_32": dict(model=SMALL_P4 + ["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                         stages=stages(dict(steps=720, lr=3e-3, warmup=30, evals=[360]))[:1]),
+    "p8_x_32": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                    stages=stages(dict(steps=720, evals=[360]))[:1]),
+    "p8_x_b32_32": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                        stages=stages(dict(steps=540, batch=32, lr=1.4e-3, evals=[360]))[:1]),
+    "x_64only": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                     stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, evals=[240])]),
+    # The demo's settings (configs/pipelines/demo.yaml), then more of the cheap 32 px stage.
+    "demo_x": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                   stages=stages(dict(batch=32, lr=1.4e-3, ema=0.98), dict(evals=[120]))),
+    "demo_x_32long": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                          stages=stages(dict(steps=480, batch=32, lr=1.4e-3, ema=0.98), dict(evals=[120]))),
     "p4_32": dict(model=["model.dit.patch_size=4"], stages=BASE_STAGES[:1]),
     "b64_32": dict(model=[], stages=stages(dict(steps=600, batch=64, lr=2e-3, warmup=50, ema=0.98,
                                                 evals=[150, 300]))[:1]),

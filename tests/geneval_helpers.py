@@ -24,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = TextEncoderConfig(kind="encoder", path="minilm", max_length=32, dtype="float32")
 
 
-def tiny_weights(path: Path, seed: int = 0) -> Path:
-    """The CPU-sized DeCo with random weights (non-zero output so images depend on the prompt)."""
+def tiny_weights(path: Path, seed: int = 0, overrides: tuple[str, ...] = (), as_initialised: bool = False) -> Path:
+    """The CPU-sized DeCo with random weights (non-zero output so images depend on the prompt), or
+    with `as_initialised` exactly as training starts it (zero output layer)."""
     torch.manual_seed(seed)
-    model = load_config(ModelConfig, ROOT / "configs" / "model" / "tiny.yaml").build()
-    with torch.no_grad():
-        model.decoder.out.weight.normal_(0, 0.1)
+    model = load_config(ModelConfig, ROOT / "configs" / "model" / "tiny.yaml", list(overrides)).build()
+    if not as_initialised:
+        with torch.no_grad():
+            model.decoder.out.weight.normal_(0, 0.1)
     return save_weights(path, model, TEXT)
 
 

@@ -180,12 +180,19 @@ def test_s3_gate_by_hand_promotes_rejects_and_never_evaluates_unfinished(s3_buck
     assert read_store_json(third, VERDICT) is None
 
 
-@pytest.mark.parametrize("gate", ["demo_32", "demo_64"])
-def test_the_demo_gates_reject_an_untrained_model(gate, tmp_path, weights):
+# The demo stages' model (configs/pipelines/demo.yaml): its untrained output is a flat grey image.
+DEMO_MODEL = ("dit.pooled_text=true", "decoder.predicts=data")
+
+
+@pytest.mark.parametrize("gate, untrained", [("demo_32", "random"), ("demo_64", "random"),
+                                             ("demo_64", "demo_model_at_init")])
+def test_the_demo_gates_reject_an_untrained_model(gate, untrained, tmp_path, weights):
     """The shipped minimums, not the plumbing tests' any-score: a model at its initialisation (which is
     also what lr 0 leaves, its EMA included) is rejected on min_overall and on single_object."""
     from geneval_helpers import ANY_SCORE
 
+    if untrained == "demo_model_at_init":
+        weights = tiny_weights(tmp_path / "init.safetensors", overrides=DEMO_MODEL, as_initialised=True)
     checkpoint = write_checkpoint(str(tmp_path / "stage"), 10, weights)
     cheap = [o for o in FAST_GATE if o not in ANY_SCORE]
     verdict = evaluate_checkpoint(checkpoint, load_gate_config(gate, cheap + [f"work_dir={tmp_path / 'work'}"]))
