@@ -10,14 +10,19 @@ from torch import nn
 from deco.model.config import ModelConfig
 from deco.model.decoder import PixelDecoder
 from deco.model.dit import DiT
+from deco.model.layers import compute_dtype
 from deco.model.repa import repa_projector
 
 
 def data_to_velocity(data: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, min_noise_level: float) -> torch.Tensor:
     """The velocity of the straight path from x_t to a predicted clean image: (x - x_t) / (1 - t)
-    (flow.py: x_t = t x + (1 - t) noise), with 1 - t kept >= min_noise_level."""
-    noise_level = (1 - t.to(data.dtype)).clamp(min=min_noise_level).reshape(-1, *([1] * (data.ndim - 1)))
-    return (data - x_t.to(data.dtype)) / noise_level
+    (flow.py: x_t = t x + (1 - t) noise), with 1 - t kept >= min_noise_level.
+
+    Computed in at least float32 and returned in the prediction's dtype: near t = 1 the prediction
+    and x_t nearly cancel, and a bf16 difference would be amplified up to 1 / min_noise_level."""
+    dtype = compute_dtype(data.dtype)
+    noise_level = (1 - t.to(dtype)).clamp(min=min_noise_level).reshape(-1, *([1] * (data.ndim - 1)))
+    return ((data.to(dtype) - x_t.to(dtype)) / noise_level).to(data.dtype)
 
 
 class DeCo(nn.Module):

@@ -77,3 +77,13 @@ def test_trees_written_before_the_variants_read_as_the_reference():
 def test_bad_variant_values_are_refused(override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         tiny_config(override).build()
+
+
+def test_data_to_velocity_divides_in_float32_under_bfloat16():
+    # Under bf16 autocast the prediction is bf16; t must not be: 0.95 in bf16 is 0.9492, which would
+    # make 1 - t 1.6% too large and every velocity near the data end that much too small.
+    x_t = torch.full((1, 3, 2, 2), 0.5, dtype=torch.bfloat16)
+    data = torch.full((1, 3, 2, 2), 0.50390625, dtype=torch.bfloat16)  # 0.5 + 2^-8, both exact in bf16
+    got = data_to_velocity(data, x_t, torch.full((1,), 0.95), 0.05)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), torch.full((1, 3, 2, 2), 2**-8 / 0.05), rtol=5e-3)
