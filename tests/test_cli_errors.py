@@ -110,10 +110,12 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_stage_shows_interrupted(tmp_pat
     path = tmp_path / "p.yaml"
     path.write_text(f"name: p\nroot: {tmp_path / 'store'}\nwork_dir: {tmp_path / 'work'}\n"
                     "stages:\n  - {name: synth, kind: synth, samples: 20000}\n")
-    # 20,000 samples: the stage runs for minutes, so the signal lands while it runs even when this
-    # process is descheduled for a while on a loaded machine (with 50 samples the pipeline once
-    # finished, exit 0, before a late-waking test sent its signal).
-    pipeline = run_deco("pipeline", "run", str(path), start_new_session=True)
+    # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored; a test run started in the
+    # background (`make test &`, nohup) inherits SIGINT ignored, and so would the pipeline, which then
+    # ran to its end (exit 0). 20,000 samples: the stage runs for minutes, so the signal lands while
+    # it runs even when this process is descheduled for a while on a loaded machine.
+    pipeline = run_deco("pipeline", "run", str(path), start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         import psutil
 
