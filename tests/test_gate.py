@@ -180,8 +180,12 @@ def test_s3_gate_by_hand_promotes_rejects_and_never_evaluates_unfinished(s3_buck
     assert read_store_json(third, VERDICT) is None
 
 
-# The demo stages' model (configs/pipelines/demo.yaml): its untrained output is a flat grey image.
-DEMO_MODEL = ("dit.pooled_text=true", "decoder.predicts=data")
+def demo_model_overrides() -> tuple[str, ...]:
+    """The model settings of the demo's last stage, read from configs/pipelines/demo.yaml."""
+    from deco.pipeline.stages import load_pipeline
+
+    stage = load_pipeline(Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.yaml").stage("stage_64")
+    return tuple(o.removeprefix("model.") for o in stage.overrides if o.startswith("model."))
 
 
 @pytest.mark.parametrize("gate, untrained", [("demo_32", "random"), ("demo_64", "random"),
@@ -192,7 +196,10 @@ def test_the_demo_gates_reject_an_untrained_model(gate, untrained, tmp_path, wei
     from geneval_helpers import ANY_SCORE
 
     if untrained == "demo_model_at_init":
-        weights = tiny_weights(tmp_path / "init.safetensors", overrides=DEMO_MODEL, as_initialised=True)
+        # The demo's own model as training starts it (with data prediction: flat grey images).
+        overrides = demo_model_overrides()
+        assert overrides  # the demo sets its model variant; an empty read would test the default model
+        weights = tiny_weights(tmp_path / "init.safetensors", overrides=overrides, as_initialised=True)
     checkpoint = write_checkpoint(str(tmp_path / "stage"), 10, weights)
     cheap = [o for o in FAST_GATE if o not in ANY_SCORE]
     verdict = evaluate_checkpoint(checkpoint, load_gate_config(gate, cheap + [f"work_dir={tmp_path / 'work'}"]))
