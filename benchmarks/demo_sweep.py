@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from deco.model.objective import ObjectiveConfig, drop_text, training_loss
-from deco.model.sampling import SamplerConfig
 from deco.model.text_encoder import TextEncoderConfig
 from deco.orchestration.zero3.ema import EmaConfig
 from deco.pipeline.config import load_config
-from deco.pipeline.evaluate.geneval.generate import GenerationConfig, generate_layout
+from deco.pipeline.evaluate.gate_config import load_gate_config
+from deco.pipeline.evaluate.geneval.generate import generate_layout
 from deco.pipeline.evaluate.geneval.prompts import resolve_prompts
 from deco.pipeline.evaluate.geneval.score import score_images
 from deco.pipeline.evaluate.geneval.summary import summarize
@@ -156,10 +156,13 @@ def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objectiv
 
 def evaluate(ema_model, train_cfg: TrainConfig, stage: dict, work: Path, grid: Path | None) -> dict:
     weights = save_weights(work / "w.safetensors", ema_model, train_cfg.text_encoder)
-    prompts = resolve_prompts("synthetic", synthetic_per_task=6, synthetic_seed=0)
-    gen = GenerationConfig(images_per_prompt=4, seed=0, batch_size=32, autocast="none",
-                           sampler=SamplerConfig(method="adams2", steps=stage["sampler_steps"], cfg_scale=stage["cfg"],
-                                                 time_shift=stage["sample_shift"]))
+    # The demo gate of this resolution (prompts, seeds, images, sampler), with the stage's sampler settings.
+    gate = load_gate_config(f"demo_{stage['res']}", [f"generation.sampler.steps={stage['sampler_steps']}",
+                                                     f"generation.sampler.cfg_scale={stage['cfg']}",
+                                                     f"generation.sampler.time_shift={stage['sample_shift']}"])
+    prompts = resolve_prompts(gate.prompts, synthetic_per_task=gate.synthetic_per_task,
+                              synthetic_seed=gate.synthetic_seed)
+    gen = gate.generation
     shutil.rmtree(work / "images", ignore_errors=True)
     start = time.process_time()
     generate_layout(weights, prompts, work / "images", gen)
