@@ -31,7 +31,7 @@ OPTIMIZER_IMPLS = ("auto", "fused", "torch", "torch_fused")
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow)
+    precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU (bf16 autocast on a 2-core AMX CPU: 0.84x at 32 px, 1.4x at 64 px)
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per optimizer step
     overlap_comm: bool = True
