@@ -29,6 +29,7 @@ from deco.model.objective import training_loss
 from deco.model.sampling import SamplerConfig
 from deco.pipeline.config import load_config
 from deco.pipeline.evaluate.geneval.detectors.synthetic import SyntheticDetector
+from deco.pipeline.evaluate.geneval.rules import SCORE_THRESHOLD
 from deco.pipeline.sample import generate, save_grid, to_pil
 from deco.pipeline.train.config import TrainConfig
 
@@ -44,8 +45,9 @@ SAMPLERS = {
 
 
 def contents(detections: dict) -> dict[str, int]:
-    """Counts per class of the detections the GenEval rules would count (score above 0.3)."""
-    counts = collections.Counter({name: sum(d.score > 0.3 for d in found) for name, found in detections.items()})
+    """Counts per class of the detections GenEval's rules keep outside its counting task."""
+    counts = collections.Counter({name: sum(d.score > SCORE_THRESHOLD for d in found)
+                                  for name, found in detections.items()})
     return {name: n for name, n in sorted(counts.items()) if n}
 
 
