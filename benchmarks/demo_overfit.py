@@ -19,13 +19,11 @@ import collections
 import copy
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
 
-from demo_sweep import ROOT, TRAIN_CONFIG, Encodings, load_samples
-from deco.model.objective import training_loss
+from demo_sweep import ROOT, TRAIN_CONFIG, Encodings, load_samples, train_stage
 from deco.model.sampling import SamplerConfig
 from deco.pipeline.config import load_config
 from deco.pipeline.evaluate.geneval.detectors.synthetic import SyntheticDetector
@@ -63,6 +61,10 @@ def main() -> None:
     parser.add_argument("--grid", default="")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not (Path(args.data) / str(args.res)).is_dir():
+        parser.error(f"{args.data} holds no {args.res}/ dataset (a curation output, e.g. runs/demo/store/curated)")
+    if args.samples < 1 or args.steps < 1:
+        parser.error("--samples and --steps must be at least 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -72,25 +74,17 @@ def main() -> None:
     ema_model = copy.deepcopy(model)
     images, captions = load_samples(Path(args.data), args.res)
     picked = [i for i, caption in enumerate(captions) if ONE_KIND.fullmatch(caption)][: args.samples]
+    if not picked:
+        parser.error(f"no one-kind captions (e.g. 'a photo of two circles') in {args.data}/{args.res}")
     images, captions = images[picked], [captions[i] for i in picked]
     encode = Encodings(train_cfg.text_encoder)
-    text, mask = encode(captions)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    losses, start = [], time.process_time()
-    for _ in range(args.steps):  # every step sees all samples, at new times and noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = training_loss(model, images, text, mask, train_cfg.objective, generator=generator)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema_model.parameters(), model.parameters()):
-                e.lerp_(p, 0.05)
-        losses.append(loss.item())
-    train_cpu_s = time.process_time() - start
+    # The sweep's training step (text dropout, EMA rule with warm-up, clipping, bf16 autocast), with
+    # every batch drawn from the picked samples only.
+    stage = dict(steps=args.steps, lr=args.lr, warmup=0, batch=len(captions), ema=0.95, shift=1.0, bf16=args.bf16)
+    losses: list[float] = []
+    train_cpu_s = train_stage(model, ema_model, stage, (images, captions), encode, train_cfg.objective, seed=0,
+                              losses=losses)
 
     detector = SyntheticDetector()
     truth = [contents(d) for d in detector.detect([to_pil(image) for image in images])]

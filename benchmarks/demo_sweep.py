@@ -152,7 +152,9 @@ class Encodings:
 
 
 def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objective: ObjectiveConfig, seed: int,
-                at_step=None) -> float:
+                at_step=None, losses: list | None = None) -> float:
+    """Train `stage` (batches drawn with replacement); returns the training CPU seconds and appends
+    each step's loss to `losses` when given."""
     images, captions = data
     ema_cfg = EmaConfig(decay=stage["ema"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage["lr"], betas=(0.9, 0.95), weight_decay=0.0)
@@ -175,6 +177,8 @@ def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objectiv
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if losses is not None:
+            losses.append(loss.item())
         decay = ema_cfg.decay_at(step)
         with torch.no_grad():
             for e, p in zip(ema_params, model.parameters()):
@@ -266,6 +270,13 @@ def main() -> None:
     parser.add_argument("--synth", type=int, default=0,
                         help="train on this many freshly rendered scenes instead of --data (data diversity)")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.synth < 0:
+        parser.error("--synth must be >= 0")
+    if not args.synth and not all((Path(args.data) / str(res)).is_dir() for res in (32, 64)):
+        parser.error(f"{args.data} holds no 32/ and 64/ datasets (run `make demo` first, or pass --synth N)")
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     for name in args.variants.split(","):
