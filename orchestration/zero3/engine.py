@@ -31,7 +31,9 @@ OPTIMIZER_IMPLS = ("auto", "fused", "torch", "torch_fused")
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU (bf16 autocast on a 2-core AMX CPU: 0.84x at 32 px, 1.4x at 64 px)
+    # auto: bf16 on GPU, fp32 on CPU (plain-torch bf16 autocast on a 2-core AMX CPU, the tiny model:
+    # 0.84x the fp32 rate at 32 px, 1.4x at 64 px; DeepSpeed's bf16 mode on CPU is unmeasured)
+    precision: str = "auto"
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per optimizer step
     overlap_comm: bool = True
