@@ -6,7 +6,7 @@ the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from deco.model.repa import repa_loss
 @dataclass(kw_only=True)
 class ObjectiveConfig:
     time_shift: float = 2.0         # 2 at 256 px, 4 at 512 px for T2I (spec section 5)
+    time_distribution: Literal["logit_normal", "uniform"] = "logit_normal"  # flow.TIME_DISTRIBUTIONS; the paper's first
     text_dropout: float = 0.1       # share of captions replaced by the empty caption (for CFG)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -37,6 +38,12 @@ def drop_text(text: Tensor, mask: Tensor, empty: tuple[Tensor, Tensor], rate: fl
     return text, mask
 
 
+def draw_times(cfg: ObjectiveConfig, batch: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """(batch,) training times as the objective draws them (every trainer draws through here)."""
+    return sample_train_t(batch, cfg.time_shift, generator=generator, device=device, distribution=cfg.time_distribution)
+
+
 def training_loss(model: DeCo, images: Tensor, text: Tensor, mask: Tensor | None, cfg: ObjectiveConfig, *,
                   generator: torch.Generator | None = None, teacher: Callable[[Tensor], Tensor] | None = None,
                   t: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
@@ -46,7 +53,7 @@ def training_loss(model: DeCo, images: Tensor, text: Tensor, mask: Tensor | None
     """
     batch = images.shape[0]
     if t is None:
-        t = sample_train_t(batch, cfg.time_shift, generator=generator, device=images.device)
+        t = draw_times(cfg, batch, generator, images.device)
     if noise is None:
         draw_device = generator.device if generator is not None else images.device
         noise = torch.randn(images.shape, generator=generator, device=draw_device, dtype=images.dtype).to(images.device)

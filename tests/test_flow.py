@@ -67,3 +67,17 @@ def test_sample_train_t_is_deterministic_for_a_generator_seed():
     a = sample_train_t(16, shift=2.0, generator=torch.Generator().manual_seed(5))
     b = sample_train_t(16, shift=2.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_train_t_uniform_covers_the_ends_that_logit_normal_rarely_trains():
+    n = 200_000
+    uniform = sample_train_t(n, generator=torch.Generator().manual_seed(0), distribution="uniform")
+    logit_normal = sample_train_t(n, generator=torch.Generator().manual_seed(0))
+    assert uniform.min() >= 0 and uniform.max() < 1
+    assert (uniform < 0.15).float().mean().item() == pytest.approx(0.15, abs=0.005)
+    # sigmoid(N(0, 1)) < 0.15 only for z < logit(0.15) = -1.73: about 4% of draws.
+    assert (logit_normal < 0.15).float().mean().item() == pytest.approx(0.042, abs=0.003)
+    shifted = sample_train_t(n, shift=3.0, generator=torch.Generator().manual_seed(0), distribution="uniform")
+    torch.testing.assert_close(shifted, time_shift(uniform, 3.0))
+    with pytest.raises(ValueError, match="logit_normal, uniform"):
+        sample_train_t(4, distribution="beta")

@@ -36,8 +36,7 @@ from deco.data.errors import ExpectedError
 from deco.data.streaming import TrainLoader, clean_stale_shared_memory
 from deco.model.config import identity_differences
 from deco.model.flops import deco_flops
-from deco.model.flow import sample_train_t
-from deco.model.objective import drop_text, training_loss
+from deco.model.objective import draw_times, drop_text, training_loss
 from deco.orchestration.launch import DistWorld
 from deco.orchestration.zero3.ema import ShardedEma
 from deco.orchestration.zero3.engine import (build_model, build_optimizer, deepspeed_config, device_for, frozen,
@@ -267,7 +266,7 @@ class Trainer:
         for i, sample_id in enumerate(ids):
             gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.cfg.seed, step, sample_id))
             t_i, m_i = drop_text(text[i:i + 1], mask[i:i + 1], self.empty_text, self.cfg.objective.text_dropout, gen)
-            ts.append(sample_train_t(1, self.cfg.objective.time_shift, generator=gen, device=self.device))
+            ts.append(draw_times(self.cfg.objective, 1, gen, self.device))
             noises.append(torch.randn((1, *images.shape[1:]), generator=gen, device=self.device, dtype=images.dtype))
             texts.append(t_i)
             masks.append(m_i)
