@@ -32,6 +32,9 @@ class SamplerConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only when lo < t <= hi
     time_shift: float = 3.0  # grid warp, > 1 spends more steps near the noise end
     heun_variant: str = "reference"  # one of HEUN_VARIANTS (method "heun" only)
+    # Integrate from this time instead of 0: the input is then a noised image x_t (SDEdit), so a
+    # diagnosis can ask from how much noise a model still keeps a scene, and img2img can reuse it.
+    start_time: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in VALID_METHODS:
@@ -45,6 +48,8 @@ class SamplerConfig:
             raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
+        if not 0.0 <= self.start_time < 1.0:
+            raise ValueError(f"start_time must be in [0, 1), got {self.start_time}")
 
     @property
     def guided(self) -> bool:
@@ -57,9 +62,14 @@ class SamplerConfig:
 
 
 def time_grid(cfg: SamplerConfig) -> list[float]:
-    """steps + 1 increasing times from 0 to 1, uniform then warped by the time shift."""
-    uniform = torch.linspace(0.0, 1.0, cfg.steps + 1, dtype=torch.float64)
-    return time_shift(uniform, cfg.time_shift).tolist()
+    """steps + 1 increasing times from cfg.start_time (0 by default) to 1: uniform in the unwarped
+    time, then warped by the time shift, so a late start keeps the shift's spacing of those steps."""
+    s, start = cfg.time_shift, cfg.start_time
+    unwarped_start = s * start / (1 - start + s * start)  # the inverse of flow.time_shift
+    uniform = torch.linspace(unwarped_start, 1.0, cfg.steps + 1, dtype=torch.float64)
+    times = time_shift(uniform, s).tolist()
+    times[0] = start  # exact, whatever the round trip through the warp gives
+    return times
 
 
 def initial_noise(

@@ -9,18 +9,30 @@ import torch
 from PIL import Image
 
 from deco.model.deco import DeCo
+from deco.model.flow import interpolate
 from deco.model.sampling import SamplerConfig, initial_noise, sample
 from deco.model.text_encoder import TextEncoder
 
 
 @torch.no_grad()
 def generate(model: DeCo, encoder: TextEncoder, prompts: list[str], sampler: SamplerConfig,
-             seed: int, resolution: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+             seed: int, resolution: int | None = None, size: tuple[int, int] | None = None,
+             init_images: torch.Tensor | None = None) -> torch.Tensor:
     """Images in [-1, 1], (len(prompts), 3, H, W): `size` (H, W), else R x R at `resolution` (the
     model's by default); the same seed gives the same images. Any size of whole patches works: the
-    DiT's RoPE and the decoder take any token grid."""
+    DiT's RoPE and the decoder take any token grid.
+
+    `init_images` ((len(prompts), 3, H, W) in [-1, 1]) with `sampler.start_time` t0 > 0: start from
+    them noised to t0 with the seed's noise (SDEdit) instead of from pure noise."""
+    if (init_images is not None) != (sampler.start_time > 0):
+        raise ValueError("init_images and sampler.start_time > 0 go together: starting later than t = 0 "
+                         "needs images to noise, and images need a start time to be noised to")
     resolution = resolution or model.cfg.resolution
     height, width = size or (resolution, resolution)
+    if init_images is not None:
+        if init_images.shape[0] != len(prompts) or init_images.shape[1] != 3:
+            raise ValueError(f"init_images must be ({len(prompts)}, 3, H, W), got {tuple(init_images.shape)}")
+        height, width = init_images.shape[-2:]
     patch = model.cfg.dit.patch_size
     if height % patch or width % patch:
         raise ValueError(f"size {height}x{width} (HxW) is not a multiple of the model's patch size {patch}")
@@ -29,6 +41,9 @@ def generate(model: DeCo, encoder: TextEncoder, prompts: list[str], sampler: Sam
     empty_text, empty_mask = encoder.empty_encoding()
     uncond = (empty_text.expand_as(text).to(device), empty_mask.expand_as(mask).to(device))
     noise = initial_noise((len(prompts), 3, height, width), seed, device, torch.float32)
+    if init_images is not None:
+        start = torch.full((len(prompts),), sampler.start_time)
+        noise = interpolate(init_images.to(device=device, dtype=torch.float32), noise, start.to(device))
 
     def velocity(x, t, cond):
         return model(x, t, cond[0], cond[1]).float()

@@ -48,6 +48,20 @@ def test_time_grid_is_shifted_linspace():
     assert grid[0] == 0.0 and grid[-1] == 1.0
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_a_late_start_keeps_the_shifted_grid_from_there(shift):
+    full = time_grid(SamplerConfig(steps=8, time_shift=shift))
+    late = time_grid(SamplerConfig(steps=4, time_shift=shift, start_time=full[4]))
+    assert late == pytest.approx(full[4:], abs=1e-12)
+    assert late[0] == full[4] and late[-1] == 1.0
+    # A late start integrates only the rest of the way: on the analytic ODE, starting at t0 from
+    # the exact solution there lands on the exact end point.
+    t0 = 0.4
+    at_t0 = X0 * torch.exp(RATE.view(-1, 1) * math.sin(FREQ * t0) / FREQ)
+    cfg = SamplerConfig(method="adams2", steps=80, cfg_scale=1.0, time_shift=shift, start_time=t0)
+    torch.testing.assert_close(sample(analytic_velocity, at_t0, cfg, (RATE,)), EXACT, atol=2e-3, rtol=0)
+
+
 class ConstantVelocity:
     """Returns each sample's condition value as its velocity and records every call."""
 
@@ -196,6 +210,9 @@ def test_invalid_configs_and_inputs_raise_clear_errors():
         SamplerConfig(steps=0)
     with pytest.raises(ValueError, match="cfg_interval"):
         SamplerConfig(cfg_interval=(0.8, 0.2))
+    for start in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="start_time"):
+            SamplerConfig(start_time=start)
     with pytest.raises(ValueError, match="uncond"):
         sample(analytic_velocity, X0, SamplerConfig(cfg_scale=4.0), (RATE,))
     with pytest.raises(TypeError, match="None in both"):

@@ -47,6 +47,8 @@ class GenerationConfig:
             raise ValueError("generation: images_per_prompt, batch_size and nproc must be >= 1, resolution >= 0")
         if self.autocast not in ("bfloat16", "float16", "none"):
             raise ValueError(f"generation.autocast must be bfloat16, float16 or none, got {self.autocast!r}")
+        if self.sampler.start_time != 0.0:
+            raise ValueError("generation.sampler.start_time must be 0: GenEval generates from pure noise")
 
 
 def image_seed(seed: int, index: int, n: int) -> int:
