@@ -33,9 +33,10 @@ test-cluster: setup
 demo: setup
 	$(VENV)/bin/deco demo
 
-# Every benchmark of this machine; gpu_check.py is the GPU machine's (`make gpu-check`); demo_sweep.py
-# and demo_diagnose.py study a finished `make demo` (its curated shards, its weights): run them by hand.
-BENCH_BY_HAND := benchmarks/gpu_check.py benchmarks/demo_sweep.py benchmarks/demo_diagnose.py
+# Every benchmark of this machine; gpu_check.py is the GPU machine's (`make gpu-check`); the demo_*
+# studies need a finished `make demo` (its curated shards) or weights: run them by hand.
+BENCH_BY_HAND := benchmarks/gpu_check.py benchmarks/demo_sweep.py benchmarks/demo_diagnose.py benchmarks/demo_overfit.py \
+                 benchmarks/demo_denoise.py
 bench: setup
 	for b in $(filter-out $(BENCH_BY_HAND),$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
 

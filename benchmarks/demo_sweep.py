@@ -44,7 +44,8 @@ TRAIN_CONFIG = ROOT / "configs" / "train" / "tiny_cpu.yaml"
 
 # A variant: model overrides (on configs/model/tiny.yaml via the train config) and stages. Stage
 # keys: res, steps, lr, warmup, batch, ema, shift (training time shift), sample_shift, cfg, sampler_steps,
-# bf16 (train under bf16 autocast), evals (steps scored on the way).
+# bf16 (train under bf16 autocast), tdist (training time distribution), cosine (lr decayed to 0),
+# evals (steps scored on the way).
 BASE_STAGES = [dict(res=32, steps=360, lr=1e-3, warmup=0, batch=16, ema=0.95, shift=1.0, sample_shift=1.0,
                     cfg=4.0, sampler_steps=10),
                dict(res=64, steps=240, lr=5e-4, warmup=0, batch=16, ema=0.95, shift=1.0, sample_shift=3.0,
@@ -91,6 +92,18 @@ VARIANTS: dict[str, dict] = {
     # A finer token grid at 64 px (16x16 tokens of 4x4 pixels) with the small DiT: about the cost per image.
     "p4s_64_bf16": dict(model=SMALL_P4 + ["model.dit.pooled_text=true", "model.decoder.predicts=data"],
                         stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, bf16=True, evals=[240])]),
+    # Training times drawn uniformly instead of logit-normal: the layout is decided at small t
+    # (samples from t = 0.3 on keep the scene; from pure noise they do not), which logit-normal rarely trains.
+    "x_64_unif_bf16": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                           stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, tdist="uniform", bf16=True, evals=[240])]),
+    # A wider, deeper DiT (the decoder, ~64% of a 64 px forward, unchanged): larger models learn
+    # more per sample, and the DiT's 64 tokens are cheap next to the decoder's 4096 pixels.
+    "x_64_bigdit_bf16": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data", "model.dit.hidden=384",
+                                    "model.dit.heads=6", "model.dit.mlp_hidden=1536", "model.dit.depth=8"],
+                             stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, bf16=True, evals=[240])]),
+    # The learning rate decayed to 0 (cosine) over the stage instead of constant.
+    "x_64_cos_bf16": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                          stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, cosine=True, bf16=True)]),
     # The demo's settings (configs/pipelines/demo.yaml), then more of the cheap 32 px stage.
     "demo_x": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
                    stages=stages(dict(batch=32, lr=1.4e-3, ema=0.98), dict(evals=[120]))),
@@ -162,10 +175,13 @@ def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objectiv
     empty = encode.encoder.empty_encoding()
     objective = copy.deepcopy(objective)
     objective.time_shift = stage["shift"]
+    objective.time_distribution = stage.get("tdist", "logit_normal")
     ema_params = list(ema_model.parameters())
     start = time.process_time()
     for step in range(1, stage["steps"] + 1):
         lr = stage["lr"] * min(1.0, step / stage["warmup"]) if stage["warmup"] else stage["lr"]
+        if stage.get("cosine"):  # decay to 0 at the stage's last step (the engine has no schedule)
+            lr *= 0.5 * (1 + math.cos(math.pi * (step - 1) / stage["steps"]))
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(captions), (stage["batch"],), generator=generator)
