@@ -180,7 +180,7 @@ def train_stage(model, ema_model, stage: dict, data, encode: Encodings, objectiv
     start = time.process_time()
     for step in range(1, stage["steps"] + 1):
         lr = stage["lr"] * min(1.0, step / stage["warmup"]) if stage["warmup"] else stage["lr"]
-        if stage.get("cosine"):  # decay to 0 at the stage's last step (the engine has no schedule)
+        if stage.get("cosine"):  # cosine from lr towards 0 at the stage's end (the engine has no schedule)
             lr *= 0.5 * (1 + math.cos(math.pi * (step - 1) / stage["steps"]))
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -32,6 +32,8 @@ def generate(model: DeCo, encoder: TextEncoder, prompts: list[str], sampler: Sam
     if init_images is not None:
         if init_images.shape[0] != len(prompts) or init_images.shape[1] != 3:
             raise ValueError(f"init_images must be ({len(prompts)}, 3, H, W), got {tuple(init_images.shape)}")
+        if size is not None and tuple(size) != tuple(init_images.shape[-2:]):
+            raise ValueError(f"size {size} differs from the init_images' {tuple(init_images.shape[-2:])}")
         height, width = init_images.shape[-2:]
     patch = model.cfg.dit.patch_size
     if height % patch or width % patch:
