@@ -15,7 +15,6 @@ The grid's first row holds the training images, then one row per sampler setting
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import json
 import re
@@ -27,7 +26,7 @@ from demo_sweep import ROOT, TRAIN_CONFIG, Encodings, load_samples, train_stage
 from deco.model.sampling import SamplerConfig
 from deco.pipeline.config import load_config
 from deco.pipeline.evaluate.geneval.detectors.synthetic import SyntheticDetector
-from deco.pipeline.evaluate.geneval.rules import SCORE_THRESHOLD
+from deco.pipeline.evaluate.geneval.rules import keep
 from deco.pipeline.sample import generate, save_grid, to_pil
 from deco.pipeline.train.config import TrainConfig
 
@@ -44,9 +43,8 @@ SAMPLERS = {
 
 def contents(detections: dict) -> dict[str, int]:
     """Counts per class of the detections GenEval's rules keep outside its counting task."""
-    counts = collections.Counter({name: sum(d.score > SCORE_THRESHOLD for d in found)
-                                  for name, found in detections.items()})
-    return {name: n for name, n in sorted(counts.items()) if n}
+    counts = {name: len(keep(found, "single_object")) for name, found in sorted(detections.items())}
+    return {name: n for name, n in counts.items() if n}
 
 
 def main() -> None:

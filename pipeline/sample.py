@@ -27,13 +27,13 @@ def generate(model: DeCo, encoder: TextEncoder, prompts: list[str], sampler: Sam
     if (init_images is not None) != (sampler.start_time > 0):
         raise ValueError("init_images and sampler.start_time > 0 go together: starting later than t = 0 "
                          "needs images to noise, and images need a start time to be noised to")
-    resolution = resolution or model.cfg.resolution
-    height, width = size or (resolution, resolution)
+    asked = size or ((resolution, resolution) if resolution else None)
+    height, width = asked or (model.cfg.resolution, model.cfg.resolution)
     if init_images is not None:
-        if init_images.shape[0] != len(prompts) or init_images.shape[1] != 3:
+        if init_images.ndim != 4 or init_images.shape[0] != len(prompts) or init_images.shape[1] != 3:
             raise ValueError(f"init_images must be ({len(prompts)}, 3, H, W), got {tuple(init_images.shape)}")
-        if size is not None and tuple(size) != tuple(init_images.shape[-2:]):
-            raise ValueError(f"size {size} differs from the init_images' {tuple(init_images.shape[-2:])}")
+        if asked is not None and tuple(asked) != tuple(init_images.shape[-2:]):
+            raise ValueError(f"size {tuple(asked)} differs from the init_images' {tuple(init_images.shape[-2:])}")
         height, width = init_images.shape[-2:]
     patch = model.cfg.dit.patch_size
     if height % patch or width % patch:

@@ -46,6 +46,9 @@ def test_start_time_and_init_images_go_together(model_and_encoder):
     with pytest.raises(ValueError, match="differs from the init_images"):
         generate(model, encoder, PROMPTS, SamplerConfig(cfg_scale=1.0, start_time=0.5), seed=0,
                  init_images=images, size=(32, 64))
+    with pytest.raises(ValueError, match="differs from the init_images"):
+        generate(model, encoder, PROMPTS, SamplerConfig(cfg_scale=1.0, start_time=0.5), seed=0,
+                 init_images=images, resolution=64)
 
 
 def test_geneval_refuses_a_late_start_and_training_an_unknown_time_distribution():
