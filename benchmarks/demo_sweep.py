@@ -92,6 +92,9 @@ VARIANTS: dict[str, dict] = {
     # A finer token grid at 64 px (16x16 tokens of 4x4 pixels) with the small DiT: about the cost per image.
     "p4s_64_bf16": dict(model=SMALL_P4 + ["model.dit.pooled_text=true", "model.decoder.predicts=data"],
                         stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, bf16=True, evals=[240])]),
+    # The reference for the 480-step rows below: logit-normal times, constant lr, weights kept at 480.
+    "x_64_480_bf16": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
+                          stages=[dict(BASE_STAGES[1], steps=480, lr=1e-3, bf16=True)]),
     # Training times drawn uniformly instead of logit-normal: the layout is decided at small t
     # (samples from t = 0.3 on keep the scene; from pure noise they do not), which logit-normal rarely trains.
     "x_64_unif_bf16": dict(model=["model.dit.pooled_text=true", "model.decoder.predicts=data"],
